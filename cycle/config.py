@@ -1,0 +1,264 @@
+"""Typed configuration: one pydantic model, loaded from YAML, overridden with `--set a.b=value`.
+
+The defaults of the model *are* the embedded default (phantoms on a CPU); `configs/default.yaml`
+spells them out for people and a test keeps the two equal. Every mistake fails at start with a
+message naming the key and, where the set is closed, the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ARCHITECTURES = ("tinyvgg", "vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152")
+Arch = Literal["tinyvgg", "vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152"]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names the key."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PhantomConfig(Section):
+    out_dir: str | None = None  # default: {output_dir}/phantoms
+    size: int = Field(256, ge=64, le=2048)
+    n_train: int = Field(2000, ge=8)
+    n_val: int = Field(16, ge=0)  # the Kaggle-like tiny val split; folded into train on load
+    n_test: int = Field(400, ge=4)
+    n_test_cf: int = Field(400, ge=0)
+    pneumonia_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    # P(tag | PNEUMONIA) = P(no tag | NORMAL) in train/val/test; reversed in test_cf.
+    shortcut: float = Field(0.9, ge=0.5, le=1.0)
+    # P(wide unexposed border | NORMAL) = P(narrow | PNEUMONIA); reversed in test_cf.
+    border_shortcut: float = Field(0.75, ge=0.5, le=1.0)
+    images_per_patient: int = Field(2, ge=1, le=10)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    root: str | None = None  # a Kaggle `chest_xray` tree or a .zip of it; None = phantoms
+    phantom: PhantomConfig = PhantomConfig()
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.9)
+    image_size: int = Field(128, ge=32, le=1024)
+    crop_fraction: float = Field(0.875, ge=0.5, le=1.0)
+    mean: float = 0.449  # ImageNet's channel means and stds, averaged: matches summed RGB filters
+    std: float = Field(0.226, gt=0.0)
+    max_image_pixels: int = Field(60_000_000, ge=1)
+    max_zip_bytes: int = Field(32 * 2**30, ge=1)
+    cache_images: bool = True  # keep resized images in memory: every epoch after the first is free
+    loader_workers: int = Field(0, ge=0)
+
+
+class ModelConfig(Section):
+    arch: Arch = "resnet18"
+    pretrained: bool = False
+    weights_path: str | None = None
+    unfreeze: int | Literal["all"] = "all"
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _non_negative(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 'all' or an integer >= 0 (number of trailing feature blocks)")
+        return value
+
+
+class AugmentConfig(Section):
+    enabled: bool = True
+    rotation_deg: float = Field(5.0, ge=0.0, le=30.0)
+    translate: float = Field(0.04, ge=0.0, le=0.3)
+    scale: float = Field(0.05, ge=0.0, le=0.3)
+    brightness: float = Field(0.1, ge=0.0, le=0.5)
+    contrast: float = Field(0.1, ge=0.0, le=0.5)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "adam", "radam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    early_stopping_patience: int = Field(5, ge=1)
+    class_weights: Literal["none", "balanced"] = "none"
+    amp: bool = False  # mixed precision; only used on CUDA
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class CamConfig(Section):
+    # auto = the faithful map for the architecture (HiResCAM for Flatten+Linear heads).
+    method: Literal["auto", "gradcam", "hirescam"] = "auto"
+    batch_size: int = Field(32, ge=1)
+
+
+class LungsegConfig(Section):
+    weights: str | None = None
+    image_size: int = Field(128, ge=32, le=1024)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+
+
+class EnhanceConfig(Section):
+    mode: Literal["context_swap", "highlight", "suppress"] = "context_swap"
+    strength: float = Field(0.5, ge=0.0, le=1.0)
+    trust_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    fallback: Literal["original", "lung_only", "drop"] = "original"
+    dilate_px: int = Field(4, ge=0)
+
+
+class CyclesConfig(Section):
+    max: int = Field(2, ge=0)
+    archs: list[Arch] = Field(default_factory=lambda: ["tinyvgg", "resnet18"])
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    stop_epsilon: float = Field(0.01, ge=0.0)  # stop when lung energy share gains less
+    stop_delta: float = Field(0.05, ge=0.0)  # ... or val accuracy drops more than this
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's local default
+    experiment: str = "cycle"
+    registered_model_name: str = "cycle-classifier"
+
+
+class ResourcesConfig(Section):
+    num_workers: int = Field(0, ge=0)  # Ray Train workers per architecture; 0 = in-process
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    storage_path: str | None = None  # default: {output_dir}/ray; s3:// or NFS on a cluster
+    max_failures: int = Field(1, ge=0)
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
+    local_num_cpus: int = Field(4, ge=1)  # logical CPUs of a local Ray (over-declared on purpose)
+
+
+class Config(Section):
+    output_dir: str = "outputs"
+    run_name: str | None = None
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    cam: CamConfig = CamConfig()
+    lungseg: LungsegConfig = LungsegConfig()
+    enhance: EnhanceConfig = EnhanceConfig()
+    cycles: CyclesConfig = CyclesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    def phantom_dir(self) -> Path:
+        return Path(self.data.phantom.out_dir or Path(self.output_dir) / "phantoms")
+
+    def storage_path(self) -> str:
+        return self.resources.storage_path or str(Path(self.output_dir, "ray").resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- YAML file <- `a.b=value` overrides, validated once at the end."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path) if path else "defaults")
+
+
+def validate_config(raw: Mapping[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe(e) for e in err.errors()]
+        raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` to a nested dict; the value is parsed as YAML (1e-3, true, [a, b])."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"bad override {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"bad value for {key!r}: {err}") from None
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"config key {key!r}: {where!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_hash(cfg: Config, *sections: str) -> str:
+    """A stable hash of the whole config, or of some sections (what a stage's output depends on)."""
+    dumped = cfg.model_dump(mode="json")
+    if sections:
+        dumped = {name: dumped[name] for name in sections}
+    blob = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+_UNION_TAGS = ("literal[", "function-", "list[")
+_TYPE_TAGS = ("int", "float", "bool", "str", "none")
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    # pydantic appends the union member it tried ('int', "literal['all']"); keep the user's path.
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(p for p in loc if not p.startswith(_UNION_TAGS) and p not in _TYPE_TAGS)
+    if error["type"] == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = ", ".join(sorted(_fields_at(parent)))
+        where = f"in '{parent}'" if parent else "at the top level"
+        return f"{key}: unknown key; allowed keys {where}: {allowed}"
+    got = error.get("input")
+    return f"{key}: {error['msg']} (got {got!r})"
+
+
+def _fields_at(dotted: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in [p for p in dotted.split(".") if p]:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,365 @@
+"""Train and evaluate one architecture: a `train_func(config)` that runs in-process, on one Ray
+Train worker or on many (DDP), and resumes from its last checkpoint after a crash.
+
+Read top to bottom: data -> model -> optimiser -> resume -> epochs (train, validate, checkpoint,
+early stop) -> reload the best weights (chosen on val, never on test) -> evaluate every split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cycle.config import Config
+from cycle.data.dataset import EpochShuffle, ImageDataset
+from cycle.data.records import ScanResult, records_of
+from cycle.data.transforms import augment_from_config, preprocess_from_config
+from cycle.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from cycle.metrics import classification_metrics, confusion_matrix, format_table, prefixed
+from cycle.models import Classifier, build_model
+
+LAST = "last.pt"  # model, optimiser, scheduler, epoch, early-stopping state, history
+BEST = "best.pt"  # model weights with the lowest val loss so far
+EVAL_SPLITS = ("val", "test", "test_cf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where we run: in-process, or inside Ray Train
+
+
+@dataclass
+class Session:
+    in_ray: bool
+    rank: int
+    world_size: int
+    device: torch.device
+    ray_checkpoints: bool
+
+    @classmethod
+    def detect(cls, ray_checkpoints: bool) -> Session:
+        try:
+            import ray.train
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            return cls(True, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray_checkpoints)
+        except (ImportError, RuntimeError):  # not inside trainer.fit()
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return cls(False, 0, 1, device, False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def resume_file(self, run_dir: Path) -> Path | None:
+        """Ray's checkpoint on shared storage wins (cluster restarts); else our local file."""
+        if self.in_ray:
+            import ray.train
+
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is not None:
+                local = Path(checkpoint.to_directory()) / LAST
+                if local.is_file():
+                    return local
+        path = run_dir / LAST
+        return path if path.is_file() else None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        """A barrier in Ray: every rank calls it equally often; only rank 0 hands a checkpoint."""
+        if not self.in_ray:
+            return
+        import ray.train
+
+        checkpoint = None
+        if checkpoint_dir is not None and self.is_main:
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def make_model(cfg: Config) -> Classifier:
+    return build_model(
+        cfg.model.arch,
+        num_classes=2,
+        pretrained=cfg.model.pretrained,
+        unfreeze=cfg.model.unfreeze,
+        image_size=cfg.data.image_size,
+        dropout=cfg.model.dropout,
+        weights_path=cfg.model.weights_path,
+    )
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
+    optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
+    return optimizer_cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
+    if cfg.train.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def class_weights(cfg: Config, labels: np.ndarray) -> torch.Tensor | None:
+    if cfg.train.class_weights == "none":
+        return None
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    return torch.tensor(len(labels) / (2.0 * np.maximum(counts, 1.0)), dtype=torch.float32)
+
+
+def loader(dataset: ImageDataset, cfg: Config, session: Session, shuffle: bool) -> DataLoader:
+    sampler = EpochShuffle(len(dataset), cfg.seed, session.rank, session.world_size, shuffle=shuffle)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size if shuffle else max(cfg.train.batch_size, 64),
+        sampler=sampler,
+        num_workers=cfg.data.loader_workers,
+        pin_memory=session.device.type == "cuda",
+        drop_last=False,
+    )
+
+
+def autocast(cfg: Config, device: torch.device):
+    if cfg.train.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> dict[str, np.ndarray]:
+    """Per-image P(PNEUMONIA) and loss over a whole split, in record order (no augmentation)."""
+    was_training = model.training
+    model.eval()
+    probs = np.zeros(len(dataset), np.float64)
+    losses = np.zeros(len(dataset), np.float64)
+    plain = DataLoader(dataset, batch_size=max(cfg.train.batch_size, 64), shuffle=False,
+                       num_workers=cfg.data.loader_workers)
+    for images, labels, index in plain:
+        with autocast(cfg, device):
+            logits = model(images.to(device, non_blocking=True)).float()
+        labels = labels.to(device)
+        losses[index.numpy()] = F.cross_entropy(logits, labels, reduction="none").cpu().numpy()
+        probs[index.numpy()] = logits.softmax(dim=1)[:, 1].cpu().numpy()
+    model.train(was_training)
+    return {"probs": probs, "losses": losses, "labels": dataset.labels}
+
+
+def evaluate(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> dict[str, float]:
+    out = predict(model, dataset, cfg, device)
+    return classification_metrics(out["labels"], out["probs"], out["losses"])
+
+
+def train_one_epoch(model, data, optimizer, criterion, cfg: Config, session: Session) -> dict[str, float]:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, (images, labels, _) in enumerate(data):
+        if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
+            break
+        images = images.to(session.device, non_blocking=True)
+        labels = labels.to(session.device, non_blocking=True)
+        with autocast(cfg, session.device):
+            logits = model(images).float()
+        loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_func(loop_config: dict) -> None:
+    """Ray Train entry point. loop_config: {"config": Config dump, "records": path, "run_dir": path,
+    "ray_checkpoints": bool}. Writes run_dir/{last.pt, best.pt, history.json, metrics.json}."""
+    cfg = Config.model_validate(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    session = Session.detect(bool(loop_config.get("ray_checkpoints", False)))
+    scan = ScanResult.load(loop_config["records"])
+    torch.manual_seed(cfg.seed)
+
+    preprocess = preprocess_from_config(cfg.data)
+    augment = augment_from_config(cfg.train.augment)
+    datasets = {
+        split: ImageDataset(
+            records_of(scan.records, split),
+            preprocess,
+            augment if split == "train" else None,
+            seed=cfg.seed,
+            cache=cfg.data.cache_images,
+            max_pixels=cfg.data.max_image_pixels,
+        )
+        for split in ("train", *EVAL_SPLITS)
+    }
+    datasets = {k: v for k, v in datasets.items() if len(v)}
+    if "train" not in datasets or "val" not in datasets:
+        raise RuntimeError("training needs non-empty train and val splits")
+
+    model = make_model(cfg).to(session.device)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    weights = class_weights(cfg, datasets["train"].labels)
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(session.device))
+
+    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "finished": False, "history": []}
+    resume_from = session.resume_file(run_dir)
+    if resume_from is not None:
+        saved = torch.load(resume_from, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        if session.is_main:
+            print(f"[{cfg.model.arch}] resuming after epoch {state['epoch']} from {resume_from}", flush=True)
+
+    net = model
+    if session.in_ray and session.world_size > 1:
+        import ray.train.torch
+
+        net = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    train_loader = loader(datasets["train"], cfg, session, shuffle=True)
+    if not state["finished"]:
+        for name, ds in datasets.items():
+            ds.preload(label=f"{cfg.model.arch} {name}" if session.is_main else "")
+
+    while not state["finished"]:
+        epoch = state["epoch"]
+        started = time.perf_counter()
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout draws: fixed per epoch
+        datasets["train"].set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(net, train_loader, optimizer, criterion, cfg, session)
+        val = evaluate(model, datasets["val"], cfg, session.device)
+        scheduler.step()
+
+        improved = val["loss"] < state["best_val_loss"]
+        state["best_val_loss"] = min(state["best_val_loss"], val["loss"])
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        state["epoch"] = epoch + 1
+        stop_early = state["bad_epochs"] >= cfg.train.early_stopping_patience
+        state["finished"] = state["epoch"] >= cfg.train.epochs or stop_early
+        row = {"epoch": epoch + 1, **stats, **prefixed(val, "val"), "lr": optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - started}
+        state["history"].append(row)
+
+        ray_dir = None
+        if session.is_main:
+            if improved:
+                atomic_torch_save(run_dir / BEST, {"model": model.state_dict(), "epoch": epoch + 1})
+            checkpoint = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": state,
+                "arch": cfg.model.arch,
+            }
+            atomic_torch_save(run_dir / LAST, checkpoint)
+            if session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)
+                ray_dir = run_dir / "ray_checkpoint"
+                atomic_torch_save(ray_dir / LAST, checkpoint)
+            atomic_write_json(run_dir / "history.json", state["history"])
+            note = " (best)" if improved else ""
+            note += " - early stop" if stop_early and state["epoch"] < cfg.train.epochs else ""
+            print(
+                f"[{cfg.model.arch}] epoch {epoch + 1}/{cfg.train.epochs}  train_loss {stats['train_loss']:.4f}  "
+                f"train_acc {stats['train_accuracy']:.3f}  val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.3f}  "
+                f"{row['seconds']:.1f}s{note}",
+                flush=True,
+            )
+        session.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, ray_dir)
+
+    final = final_evaluation(model, datasets, cfg, session.device, run_dir) if session.is_main else {}
+    session.report({"final": 1, **final})
+
+
+def final_evaluation(model: Classifier, datasets: dict, cfg: Config, device: torch.device, run_dir: Path) -> dict:
+    """Reload the weights chosen on val and evaluate every split; write metrics and predictions."""
+    best = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    results, flat = {}, {"best_epoch": best["epoch"]}
+    for split in EVAL_SPLITS:
+        if split not in datasets:
+            continue
+        out = predict(model, datasets[split], cfg, device)
+        metrics = classification_metrics(out["labels"], out["probs"], out["losses"])
+        metrics["confusion_matrix"] = confusion_matrix(out["labels"], out["probs"] >= 0.5).tolist()
+        results[split] = metrics
+        flat.update(prefixed(metrics, split))
+        lines = ["path,label,prob_pneumonia"] + [
+            f"{r.path},{r.label},{p:.6f}" for r, p in zip(datasets[split].records, out["probs"])
+        ]
+        atomic_write_text(run_dir / f"predictions_{split}.csv", "\n".join(lines) + "\n")
+    atomic_write_json(run_dir / "metrics.json", {"flat": flat, "splits": results})
+    print(f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest val loss)\n" + format_table(results), flush=True)
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def resolve_use_gpu(cfg: Config) -> bool:
+    if cfg.resources.use_gpu != "auto":
+        return bool(cfg.resources.use_gpu)
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str) -> dict:
+    """Fit one architecture with Ray Train (num_workers=0: in this process). Returns metrics.json."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    workers = cfg.resources.num_workers
+    use_gpu = resolve_use_gpu(cfg) and workers > 0
+    resources = {"CPU": cfg.resources.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "records": str(records_path),
+            "run_dir": str(run_dir.resolve()),
+            "ray_checkpoints": workers > 0,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources if workers else None
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=cfg.storage_path(),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        return json.loads(metrics_file.read_text())["flat"]
+    # Rank 0 ran on another node: its final report carries the metrics.
+    return {k: v for k, v in result.metrics.items() if k != "final"}

@@ -1,0 +1,29 @@
+"""What every job shares: --config/--set parsing and a friendly exit on user errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Jobs run as scripts (`python jobs/x.py`, `ray job submit -- python jobs/x.py`): make the package
+# importable from a plain checkout without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cycle.config import Config, ConfigError, load_config  # noqa: E402
+
+
+def config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="YAML config file (default: the embedded defaults)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
