@@ -13,8 +13,8 @@ from pathlib import Path
 
 import _common
 
-from cycle.data.records import DataError
 from cycle.data.prepare import prepare_records
+from cycle.data.records import DataError
 from cycle.metrics import format_table
 from cycle.models import PretrainedWeightsError
 from cycle.ray_session import init_ray

@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset, Sampler
 
 from cycle.data.records import Record

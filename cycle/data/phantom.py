@@ -174,12 +174,14 @@ def _film(seed: int, index: int, p: PhantomParams, counterfactual: bool, patient
         frame = np.ones((s, s), bool)
         frame[b : s - b, b : s - b] = False
         img[frame] = rng.uniform(0.0, 0.03)
+        lungs[frame] = 0  # what the film does not show is not lung (nor lesion) in the truth
+        lesions &= ~frame
 
     confounders = np.zeros((s, s), np.uint8)
     if has_tag:
-        _stamp(img, confounders, "A-P", rng, s, x_range=(0.1, 0.3), y_range=(0.07, 0.12), scale=0.0021)
+        has_tag = _stamp(img, confounders, lungs, "A-P", rng, s, x_range=(0.1, 0.3), y_range=(0.07, 0.12), scale=0.0021)
     if has_marker:
-        _stamp(img, confounders, "R", rng, s, x_range=(0.07, 0.11), y_range=(0.3, 0.42), scale=0.0024, boxed=True)
+        has_marker = _stamp(img, confounders, lungs, "R", rng, s, x_range=(0.05, 0.1), y_range=(0.18, 0.4), scale=0.0024, boxed=True)
 
     image = np.clip(img * 255.0, 0, 255).astype(np.uint8)
     klass = CLASSES[label]
@@ -320,25 +322,31 @@ def _opacity(rng: np.random.Generator, lungs: np.ndarray, s: int) -> np.ndarray:
     return amplitude * canvas.clip(0, 1) * texture * lungs
 
 
-def _stamp(img, mask, text, rng, s, x_range, y_range, scale, boxed=False) -> None:
-    """Burn a bright radiographic text marker into the film; its box goes into `mask`."""
-    right = rng.random() < 0.5 and not boxed
-    x = rng.uniform(*x_range)
-    x = 1.0 - x - 0.12 if right else x
-    y = rng.uniform(*y_range)
+def _stamp(img, mask, lungs, text, rng, s, x_range, y_range, scale, boxed=False) -> bool:
+    """Burn a bright radiographic text marker into the film, off the lungs; its box goes to `mask`."""
     font_scale = s * scale * rng.uniform(0.9, 1.15)
     thickness = max(1, round(s / 170))
     (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
-    x0, y0 = int(x * s), int(y * s) + h
+    pad = max(2, s // 100)
+    for _ in range(20):  # markers sit on soft tissue or void, never over lung: retry the place
+        right = rng.random() < 0.5 and not boxed
+        x = rng.uniform(*x_range)
+        x = 1.0 - x - 0.12 if right else x
+        x0, y0 = int(x * s), int(rng.uniform(*y_range) * s) + h
+        box = (x0 - pad, y0 - h - pad), (x0 + w + pad, y0 + base + pad)
+        (left, top), (right_edge, bottom) = box
+        if not lungs[max(top - pad, 0) : bottom + pad, max(left - pad, 0) : right_edge + pad].any():
+            break
+    else:
+        return False
     value = float(rng.uniform(0.9, 1.0))
     layer = np.zeros(mask.shape, np.uint8)  # OpenCV draws text on 8-bit images only
     cv2.putText(layer, text, (x0, y0), cv2.FONT_HERSHEY_SIMPLEX, font_scale, 255, thickness, cv2.LINE_AA)
-    pad = max(2, s // 100)
-    box = (x0 - pad, y0 - h - pad), (x0 + w + pad, y0 + base + pad)
     if boxed:
         cv2.rectangle(layer, *box, 255, max(1, thickness - 1))
     np.maximum(img, layer.astype(np.float32) * (value / 255.0), out=img)
     cv2.rectangle(mask, *box, 1, -1)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
