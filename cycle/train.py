@@ -8,6 +8,7 @@ early stop) -> reload the best weights (chosen on val, never on test) -> evaluat
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -195,6 +196,7 @@ def train_func(loop_config: dict) -> None:
     "ray_checkpoints": bool}. Writes run_dir/{last.pt, best.pt, history.json, metrics.json}."""
     cfg = Config.model_validate(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our epoch line says it better
     session = Session.detect(bool(loop_config.get("ray_checkpoints", False)))
     scan = ScanResult.load(loop_config["records"])
     torch.manual_seed(cfg.seed)

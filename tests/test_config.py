@@ -83,9 +83,13 @@ def test_malformed_override(item):
         apply_override({}, item)
 
 
-def test_override_into_a_value_is_refused():
-    with pytest.raises(ConfigError, match="'seed' is a value"):
+def test_override_into_a_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="seed: Input should be a valid integer"):
         load_config(None, ["seed.x=1"])
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\n")
+    with pytest.raises(ConfigError, match="'seed' is a value, not a section"):
+        load_config(path, ["seed.x=1"])
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -32,7 +32,7 @@ from cycle.io import atomic_write_json
 MASK_KINDS = ("lungs", "lesions", "confounders")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test_cf": 3}
 _PATIENT_OFFSET = 100_000  # keeps patient ids unique across splits
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the generator draws different films
 
 
 @dataclass(frozen=True)
@@ -303,7 +303,7 @@ def _opacity(rng: np.random.Generator, lungs: np.ndarray, s: int) -> np.ndarray:
     """Pneumonic opacity inside the lungs: patchy (bronchopneumonia) or lobar."""
     ys, xs = np.nonzero(lungs)
     canvas = np.zeros((s, s), np.float32)
-    amplitude = rng.uniform(0.14, 0.26)
+    amplitude = rng.uniform(0.24, 0.38)
     lower = ys > np.percentile(ys, 35)  # pneumonia favours the middle and lower zones
     pool = np.flatnonzero(lower) if lower.any() else np.arange(len(ys))
     if rng.random() < 0.6:  # patchy
@@ -501,3 +501,30 @@ def _counts(rows: list[dict]) -> dict[str, dict[str, int]]:
         per = counts.setdefault(row["split"], dict.fromkeys(CLASSES, 0))
         per[row["class"]] += 1
     return counts
+
+
+def preview_grid(batch: Phantoms, cols: int = 4, outlines: bool = True) -> np.ndarray:
+    """A contact sheet (BGR uint8): each film beside a copy with its truth outlined.
+
+    Green: lungs, red: lesions, blue: confounders (tag, marker). Caption: class and shortcuts.
+    """
+    tiles = []
+    for i in range(len(batch.labels)):
+        film = cv2.cvtColor(batch.images[i], cv2.COLOR_GRAY2BGR)
+        pair = [film]
+        if outlines:
+            truth = film.copy()
+            for mask, colour in ((batch.lungs[i], (80, 220, 80)), (batch.lesions[i], (60, 60, 255)),
+                                 (batch.confounders[i], (255, 160, 40))):
+                contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+                cv2.drawContours(truth, contours, -1, colour, 1, cv2.LINE_AA)
+            pair.append(truth)
+        tile = np.concatenate(pair, axis=1)
+        attrs = batch.attributes[i] if batch.attributes else {}
+        caption = CLASSES[int(batch.labels[i])] + (" +tag" if attrs.get("tag") else "")
+        cv2.putText(tile, caption, (4, tile.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(np.pad(tile, ((2, 2), (2, 2), (0, 0))))
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[r : r + cols], axis=1) for r in range(0, len(tiles), cols)]
+    return np.concatenate(rows, axis=0)
