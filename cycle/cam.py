@@ -1,0 +1,160 @@
+"""Class activation maps at the cost of one forward pass.
+
+The gradient of a class logit with respect to the last feature map depends on the head alone, so
+the engine runs `model.features` without autograd and only `model.head` with autograd, on the
+detached feature map. A full `loss.backward()` through the network (what `pytorch-grad-cam`
+does) computes every parameter's gradient only to throw it away.
+
+One base class; each method overrides one function, `combine(activations, gradients)`:
+- Grad-CAM: channel weights = gradients averaged over space. Exact for global-average-pool heads
+  (ResNets), but it throws away *where* a Flatten+Linear head (TinyVGG, VGG) looks.
+- HiResCAM: gradient x activation summed over channels, no spatial averaging: faithful for any
+  head, and equal to Grad-CAM on global-average-pool heads.
+
+Maps are: the class logit's CAM, ReLU, bilinear upsampling to `size`, each map min-max normalised
+to [0, 1], all-zero where the map is flat (never NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Target = int | Sequence[int] | torch.Tensor | None
+
+
+class BaseCAM:
+    name = "base"
+
+    def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """[N, C, h, w] activations and gradients -> [N, h, w] raw map (before ReLU)."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        target: Target = None,
+        size: tuple[int, int] | int | None = None,
+        return_logits: bool = False,
+    ):
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        out_size = _pair(size) if size is not None else tuple(images.shape[-2:])
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # restored below, module by module: CAMs of a deterministic network
+        try:
+            # Works under callers' no_grad() and inference_mode(): only the head records a graph.
+            with torch.inference_mode(False):
+                with torch.no_grad():
+                    activations = model.features(images.clone() if images.is_inference() else images)
+                with torch.enable_grad():
+                    leaf = activations.detach().requires_grad_(True)
+                    logits = model.head(leaf)
+                    classes = _targets(target, logits)
+                    score = logits.gather(1, classes[:, None]).sum()
+                    (gradients,) = torch.autograd.grad(score, leaf)  # never touches param.grad
+                raw = self.combine(leaf.detach(), gradients)
+                maps = normalise(upsample(F.relu(raw), out_size))
+                logits = logits.detach()
+        finally:
+            for module, training in modes:
+                module.training = training
+        return (maps, logits) if return_logits else maps
+
+
+class GradCAM(BaseCAM):
+    name = "gradcam"
+
+    def combine(self, activations, gradients):
+        weights = gradients.mean(dim=(2, 3), keepdim=True)
+        return (weights * activations).sum(dim=1)
+
+
+class HiResCAM(BaseCAM):
+    name = "hirescam"
+
+    def combine(self, activations, gradients):
+        return (gradients * activations).sum(dim=1)
+
+
+METHODS: dict[str, BaseCAM] = {"gradcam": GradCAM(), "hirescam": HiResCAM()}
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, target: Target = None, size=None, return_logits=False):
+    """Grad-CAM at the output of `model.features`: [N, H, W] in [0, 1] (see the module doc)."""
+    return METHODS["gradcam"](model, images, target, size, return_logits)
+
+
+def hires_cam(model: nn.Module, images: torch.Tensor, target: Target = None, size=None, return_logits=False):
+    """HiResCAM at the output of `model.features`; same signature and output as `grad_cam`."""
+    return METHODS["hirescam"](model, images, target, size, return_logits)
+
+
+def resolve_method(model: nn.Module, method: str = "auto") -> str:
+    """`auto` = the faithful map for the architecture (the model's `cam_method`)."""
+    if method == "auto":
+        return getattr(model, "cam_method", "hirescam")
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; use auto, {', '.join(METHODS)}")
+    return method
+
+
+def compute_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    method: str = "auto",
+    target: Target = None,
+    size=None,
+    return_logits: bool = False,
+    batch_size: int | None = None,
+):
+    """CAMs by method name, in chunks of `batch_size` to bound memory on long inputs."""
+    engine = METHODS[resolve_method(model, method)]
+    if batch_size is None or len(images) <= batch_size:
+        return engine(model, images, target, size, return_logits)
+    per_image = target is not None and not isinstance(target, int)
+    maps, logits = [], []
+    for start in range(0, len(images), batch_size):
+        chunk_target = target[start : start + batch_size] if per_image else target
+        m, lg = engine(model, images[start : start + batch_size], chunk_target, size, True)
+        maps.append(m)
+        logits.append(lg)
+    maps_t, logits_t = torch.cat(maps), torch.cat(logits)
+    return (maps_t, logits_t) if return_logits else maps_t
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to [0, 1]; a flat map (no evidence anywhere) is all zeros, not NaN."""
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    span = (flat.max(dim=1).values[:, None, None] - low)
+    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+
+
+def _targets(target: Target, logits: torch.Tensor) -> torch.Tensor:
+    n, classes = logits.shape
+    if target is None:
+        chosen = logits.argmax(dim=1)
+    elif isinstance(target, int):
+        chosen = torch.full((n,), target, dtype=torch.long, device=logits.device)
+    else:
+        chosen = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+        if chosen.numel() != n:
+            raise ValueError(f"{chosen.numel()} targets for {n} images")
+    if chosen.numel() and (chosen.min() < 0 or chosen.max() >= classes):
+        raise ValueError(f"target class out of range 0..{classes - 1}")
+    return chosen
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
