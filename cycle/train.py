@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cycle.checkpoint import model_meta, save_classifier
 from cycle.config import Config
 from cycle.data.dataset import EpochShuffle, ImageDataset
 from cycle.data.records import ScanResult, records_of
@@ -269,13 +270,13 @@ def train_func(loop_config: dict) -> None:
         ray_dir = None
         if session.is_main:
             if improved:
-                atomic_torch_save(run_dir / BEST, {"model": model.state_dict(), "epoch": epoch + 1})
+                save_classifier(run_dir / BEST, model, cfg, epoch=epoch + 1)
             checkpoint = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "state": state,
-                "arch": cfg.model.arch,
+                "meta": model_meta(cfg),
             }
             atomic_torch_save(run_dir / LAST, checkpoint)
             if session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)

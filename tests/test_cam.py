@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 from pytorch_grad_cam import GradCAM, HiResCAM

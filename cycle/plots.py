@@ -1,0 +1,156 @@
+"""Pictures people would rather look at than read: CAM grids, before/after, confusion matrices,
+per-cycle curves. Every function writes a PNG atomically and returns its path."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: servers, CI, Ray workers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cycle.data.records import CLASSES  # noqa: E402
+from cycle.io import atomic_write  # noqa: E402
+
+CMAP = "inferno"  # perceptually uniform, readable in grayscale print
+CONFIDENT = 0.9
+
+
+def _save(fig, path: str | Path) -> Path:
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+    try:
+        return atomic_write(path, write)
+    finally:
+        plt.close(fig)
+
+
+def _grid(n: int, cols: int | None = None) -> tuple[int, int]:
+    cols = cols or math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
+
+
+def cam_grid(
+    images: np.ndarray,
+    cams: np.ndarray,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    alpha: float = 0.45,
+    cols: int | None = None,
+) -> Path:
+    """Films with their CAM overlaid; corner: predicted class and P(class).
+
+    Frame colour: green = correct and confident (P >= 0.9), white = correct, red = wrong (every
+    panel shows its map: a wrong prediction's map is the one worth seeing).
+    images: [N, H, W] in [0, 1]; cams: [N, H, W] in [0, 1]; probs: [N] P(PNEUMONIA).
+    """
+    n = len(images)
+    rows, cols = _grid(n, cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + (0.4 if title else 0)), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for i in range(n):
+        ax = axes.ravel()[i]
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(cams[i], cmap=CMAP, vmin=0, vmax=1, alpha=alpha)
+        pred = int(probs[i] >= 0.5)
+        confidence = probs[i] if pred else 1 - probs[i]
+        correct = pred == int(labels[i])
+        colour = ("#2ecc40" if confidence >= CONFIDENT else "white") if correct else "#ff4136"
+        ax.text(2, 2, f"{CLASSES[pred][:4]} {confidence:.2f}", color="black", fontsize=6.5, va="top",
+                bbox={"facecolor": colour, "alpha": 0.85, "pad": 1.2, "linewidth": 0})
+        if not correct:
+            ax.text(2, images[i].shape[0] - 3, f"true {CLASSES[int(labels[i])][:4]}", color="white", fontsize=6)
+        for spine in ax.spines.values():
+            spine.set_visible(True)
+            spine.set_color(colour)
+            spine.set_linewidth(2.5)
+        ax.set_axis_on()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(wspace=0.04, hspace=0.04)
+    return _save(fig, path)
+
+
+def before_after_grid(
+    images: np.ndarray,
+    cams_before: np.ndarray,
+    cams_after: np.ndarray,
+    path: str | Path,
+    labels: np.ndarray | None = None,
+    names: tuple[str, str] = ("before", "after"),
+    alpha: float = 0.45,
+    lungs: np.ndarray | None = None,
+) -> Path:
+    """Rows of (film, CAM before, CAM after) for the same images; lung outline where given."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(5.4, 1.8 * n), squeeze=False)
+    for i in range(n):
+        for j, cam in enumerate((None, cams_before[i], cams_after[i])):
+            ax = axes[i, j]
+            ax.imshow(images[i], cmap="gray", vmin=0, vmax=1)
+            if cam is not None:
+                ax.imshow(cam, cmap=CMAP, vmin=0, vmax=1, alpha=alpha)
+            if lungs is not None:
+                ax.contour(lungs[i].astype(float), levels=[0.5], colors="#39cccc", linewidths=0.6)
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(("film", *names)[j], fontsize=8)
+        if labels is not None:
+            axes[i, 0].text(2, 2, CLASSES[int(labels[i])][:4], color="yellow", fontsize=6.5, va="top")
+    fig.subplots_adjust(wspace=0.03, hspace=0.03)
+    return _save(fig, path)
+
+
+def confusion_matrix_plot(cm: Sequence[Sequence[int]], path: str | Path, title: str = "") -> Path:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(3.2, 2.9))
+    ax.imshow(cm, cmap="Blues")
+    total = max(int(cm.sum()), 1)
+    for (r, c), value in np.ndenumerate(cm):
+        ax.text(c, r, f"{value}\n{value / total:.0%}", ha="center", va="center",
+                color="white" if value > cm.max() / 2 else "black", fontsize=9)
+    ax.set_xticks([0, 1], [f"pred {c[:4]}" for c in CLASSES])
+    ax.set_yticks([0, 1], [f"true {c[:4]}" for c in CLASSES])
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def cycle_curves(
+    per_cycle: Mapping[str, Sequence[Mapping[str, float]]],
+    metrics: Sequence[str],
+    path: str | Path,
+    intervals: bool = True,
+) -> Path:
+    """One panel per metric; x = cycle (0 = baseline), one line per architecture.
+    per_cycle: {arch: [{metric: value, metric_ci_low: ..., metric_ci_high: ...}, ...]}."""
+    rows, cols = _grid(len(metrics), min(3, len(metrics)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.set_axis_off()
+    for ax, metric in zip(axes.ravel(), metrics):
+        for arch, cycles in per_cycle.items():
+            x = np.arange(len(cycles))
+            y = np.array([c.get(metric, np.nan) for c in cycles], dtype=float)
+            ax.plot(x, y, marker="o", label=arch)
+            low = np.array([c.get(f"{metric}_ci_low", np.nan) for c in cycles], dtype=float)
+            high = np.array([c.get(f"{metric}_ci_high", np.nan) for c in cycles], dtype=float)
+            if intervals and np.isfinite(low).any():
+                ax.fill_between(x, low, high, alpha=0.2)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("cycle", fontsize=8)
+        ax.set_xticks(range(max(len(c) for c in per_cycle.values())))
+        ax.grid(alpha=0.3)
+    axes.ravel()[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
