@@ -75,9 +75,10 @@ def cam_grid(
         ax.set_axis_on()
         ax.set_xticks([])
         ax.set_yticks([])
+    top = 1.0 - (0.35 / fig.get_figheight() if title else 0.0)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(wspace=0.04, hspace=0.04)
+        fig.suptitle(title, fontsize=10, y=0.995)
+    fig.subplots_adjust(wspace=0.04, hspace=0.04, top=top, bottom=0.0, left=0.0, right=1.0)
     return _save(fig, path)
 
 

@@ -12,7 +12,8 @@ import time
 import _common  # noqa: F401  (makes `cycle` importable)
 
 from cycle.config import PhantomConfig
-from cycle.data.phantom import spec_from_config, write_dataset
+from cycle.data.phantom import generate, preview_grid, spec_from_config, split_seed, write_dataset
+from cycle.io import atomic_write_bytes
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
         parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(defaults, field))
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--force", action="store_true", help="replace a tree made from another spec")
+    parser.add_argument("--preview", metavar="PNG", help="also write a contact sheet of the first train films")
     args = parser.parse_args()
 
     values = {k: v for k, v in vars(args).items() if k in PhantomConfig.model_fields}
@@ -43,7 +45,21 @@ def main() -> None:
         sys.exit(f"\nerror: {err}")
     total = sum(spec.split_sizes().values())
     print(f"\nwrote {total:,} films to {root} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    if args.preview:
+        write_preview(spec, args.preview)
+        print(f"preview: {args.preview}", file=sys.stderr)
     print(root)
+
+
+def write_preview(spec, path: str, n: int = 8) -> None:
+    import cv2
+
+    p = spec.params
+    films = generate(n, split_seed(spec.seed, "train"), p.size, pneumonia_fraction=p.pneumonia_fraction,
+                     shortcut=p.shortcut, border_shortcut=p.border_shortcut,
+                     images_per_patient=p.images_per_patient)
+    ok, png = cv2.imencode(".png", preview_grid(films, cols=2))
+    atomic_write_bytes(path, png.tobytes())
 
 
 if __name__ == "__main__":
