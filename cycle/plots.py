@@ -155,3 +155,25 @@ def cycle_curves(
     axes.ravel()[0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def mask_comparison(films, truths, preds, path: str | Path, cols: int = 4) -> Path:
+    """Predicted vs true lung masks: green = both, red = missed (false negative),
+    blue = extra (false positive); Dice in the corner."""
+    n = len(films)
+    rows, cols = _grid(n, min(cols, n))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, film, truth, pred in zip(axes.ravel(), films, truths, preds):
+        rgb = np.repeat(film[..., None] / 255.0, 3, axis=2) * 0.7
+        both, missed, extra = truth & pred, truth & ~pred, pred & ~truth
+        rgb[both] = rgb[both] * 0.5 + np.array([0.2, 0.6, 0.2])
+        rgb[missed] = np.array([0.9, 0.15, 0.15])
+        rgb[extra] = np.array([0.2, 0.4, 1.0])
+        dice = 2 * both.sum() / max(truth.sum() + pred.sum(), 1)
+        ax.imshow(np.clip(rgb, 0, 1))
+        ax.text(3, 3, f"Dice {dice:.3f}", color="white", fontsize=7, va="top",
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
+    fig.subplots_adjust(wspace=0.03, hspace=0.03)
+    return _save(fig, path)

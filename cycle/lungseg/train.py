@@ -1,0 +1,228 @@
+"""Train the lung U-Net: Dice + cross-entropy, geometric and contrast augmentation (no flips),
+validation Dice/IoU per epoch, atomic checkpoints every epoch, resume, MLflow logging.
+
+Read top to bottom: pairs -> arrays (loaded once) -> model -> resume -> epochs -> best weights
+(chosen on val Dice) -> test Dice/IoU with bootstrap intervals at the films' own resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from cycle.config import Config, config_hash
+from cycle.data.records import Skipped
+from cycle.data.transforms import ImageLoadError
+from cycle.io import atomic_torch_save, atomic_write_json
+from cycle.localization import bootstrap_ci
+from cycle.lungs import MEAN, STD, check_size, dice_iou, load_lung_model, predict
+from cycle.lungseg.data import Pair, find_pairs, load_pair
+from cycle.models.unet import DEFAULT_CHANNELS, build_unet
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+class LungModelMissing(RuntimeError):
+    """Real data needs a lung model trained on real lung masks; the message says how."""
+
+
+def load_arrays(pairs: Sequence[Pair], size: int) -> tuple[np.ndarray, np.ndarray, list[Pair], list[Skipped]]:
+    """Films and masks resized to size x size (uint8, bool), loaded in parallel threads."""
+
+    def one(pair: Pair):
+        try:
+            film, mask = load_pair(pair)
+        except ImageLoadError as err:
+            return pair, err.reason
+        film = cv2.resize(film, (size, size), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+        return pair, (film, mask)
+
+    with ThreadPoolExecutor() as pool:
+        results = list(pool.map(one, pairs))
+    kept = [(p, r) for p, r in results if not isinstance(r, str)]
+    skipped = [Skipped(p.image, r) for p, r in results if isinstance(r, str)]
+    if not kept:
+        return np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], skipped
+    films = np.stack([r[0] for _, r in kept])
+    masks = np.stack([r[1] for _, r in kept])
+    return films, masks, [p for p, _ in kept], skipped
+
+
+def augment(film: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The same shift/scale/rotation for film and mask, contrast/brightness for the film only."""
+    h, w = film.shape
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-8, 8), 1 + rng.uniform(-0.1, 0.1))
+    matrix[:, 2] += rng.uniform(-0.06, 0.06, size=2) * (w, h)
+    film = cv2.warpAffine(film, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    mask = cv2.warpAffine(mask.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST) > 0
+    gain, bias = 1 + rng.uniform(-0.2, 0.2), rng.uniform(-20, 20)
+    film = np.clip((film.astype(np.float32) - 128) * gain + 128 + bias, 0, 255).astype(np.uint8)
+    return film, mask
+
+
+def _tensor(films: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(films).float().div_(255.0).sub_(MEAN).div_(STD).unsqueeze(1)
+
+
+def _meta(cfg: Config) -> dict:
+    return {"kind": "monai_unet", "image_size": cfg.lungseg.image_size, "channels": list(DEFAULT_CHANNELS),
+            "num_res_units": 2}
+
+
+@torch.no_grad()
+def _val_scores(model, films: np.ndarray, masks: np.ndarray, batch: int) -> tuple[float, float]:
+    model.eval()
+    dices, ious = [], []
+    for start in range(0, len(films), batch):
+        pred = model(_tensor(films[start : start + batch])).argmax(dim=1).numpy().astype(bool)
+        for p, t in zip(pred, masks[start : start + batch]):
+            d, i = dice_iou(p, t)
+            dices.append(d)
+            ious.append(i)
+    return float(np.mean(dices)), float(np.mean(ious))
+
+
+def train_lungseg(cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, tracker=None, log=print) -> dict:
+    """Train (or resume) in `out_dir`; returns the test metrics, also written to metrics.json."""
+    from monai.losses import DiceCELoss
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size, lcfg = cfg.lungseg.image_size, cfg.lungseg
+    check_size(size, DEFAULT_CHANNELS)
+    by_split = {s: [p for p in pairs if p.split == s] for s in ("train", "val", "test")}
+    if not by_split["train"] or not by_split["val"]:
+        raise ValueError("lung segmentation needs non-empty train and val pairs")
+    train_x, train_y, _, skipped = load_arrays(by_split["train"], size)
+    val_x, val_y, _, skipped_val = load_arrays(by_split["val"], size)
+    skipped += skipped_val
+
+    torch.manual_seed(cfg.seed)
+    model = build_unet(DEFAULT_CHANNELS, num_res_units=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=lcfg.epochs)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    state = {"epoch": 0, "best_dice": -math.inf, "history": []}
+    if (out_dir / LAST).is_file():
+        saved = torch.load(out_dir / LAST, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        log(f"[lungseg] resuming after epoch {state['epoch']}")
+
+    while state["epoch"] < lcfg.epochs:
+        epoch, started = state["epoch"], time.perf_counter()
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        model.train()
+        order = np.random.default_rng([cfg.seed, epoch, 11]).permutation(len(train_x))
+        total = 0.0
+        for start in range(0, len(order), lcfg.batch_size):
+            idx = order[start : start + lcfg.batch_size]
+            batch = [augment(train_x[i], train_y[i], np.random.default_rng([cfg.seed, epoch, int(i)])) for i in idx]
+            x = _tensor(np.stack([b[0] for b in batch]))
+            y = torch.from_numpy(np.stack([b[1] for b in batch])).long().unsqueeze(1)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        scheduler.step()
+        dice, iou = _val_scores(model, val_x, val_y, lcfg.batch_size)
+        improved = dice > state["best_dice"]
+        state["best_dice"] = max(state["best_dice"], dice)
+        state["epoch"] = epoch + 1
+        row = {"epoch": epoch + 1, "train_loss": total / len(order), "val_dice": dice, "val_iou": iou,
+               "seconds": time.perf_counter() - started}
+        state["history"].append(row)
+        if improved:
+            atomic_torch_save(out_dir / BEST, {"model": model.state_dict(), "meta": _meta(cfg), "epoch": epoch + 1})
+        atomic_torch_save(out_dir / LAST, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "scheduler": scheduler.state_dict(), "state": state, "meta": _meta(cfg)})
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        log(f"[lungseg] epoch {epoch + 1}/{lcfg.epochs}  loss {row['train_loss']:.4f}  val_dice {dice:.4f}  "
+            f"val_iou {iou:.4f}  {row['seconds']:.1f}s{' (best)' if improved else ''}")
+
+    metrics = evaluate_lungseg(out_dir / BEST, by_split["test"] or by_split["val"], out_dir)
+    metrics["skipped"] = len(skipped)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    if skipped:
+        atomic_write_json(out_dir / "skipped.json", [{"path": s.path, "reason": s.reason} for s in skipped])
+    return metrics
+
+
+def evaluate_lungseg(weights: str | Path, pairs: Sequence[Pair], out_dir: str | Path | None = None) -> dict:
+    """Dice and IoU on each film at its own resolution (predict() round trip), with 95% CIs."""
+    model = load_lung_model(weights)
+    dices, ious, films, truths, preds = [], [], [], [], []
+    for pair in pairs:
+        try:
+            film, truth = load_pair(pair)
+        except ImageLoadError:
+            continue
+        (pred,) = predict(model, [film])
+        d, i = dice_iou(pred, truth)
+        dices.append(d)
+        ious.append(i)
+        if len(films) < 8:
+            films.append(film)
+            truths.append(truth)
+            preds.append(pred)
+    dice, iou = bootstrap_ci(dices), bootstrap_ci(ious)
+    metrics = {"test_dice": dice[0], "test_dice_ci_low": dice[1], "test_dice_ci_high": dice[2],
+               "test_iou": iou[0], "test_iou_ci_low": iou[1], "test_iou_ci_high": iou[2], "n_test": len(dices)}
+    if out_dir is not None and films:
+        from cycle.plots import mask_comparison
+
+        mask_comparison(films, truths, preds, Path(out_dir) / "masks_pred_vs_true.png")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The lung model the cycle uses
+
+
+def lung_model_dir(cfg: Config) -> Path:
+    """Phantom lung models are cached by what they depend on: the phantoms and lungseg settings."""
+    return Path(cfg.output_dir) / "lungseg" / config_hash(cfg, "lungseg", "data", "seed")
+
+
+def ensure_lung_model(cfg: Config, log=print) -> Path:
+    """The configured lung model, or (phantoms only) one trained once and reused."""
+    if cfg.lungseg.weights:
+        path = Path(cfg.lungseg.weights)
+        if not path.is_file():
+            raise LungModelMissing(f"lungseg.weights={path} does not exist")
+        return path
+    if cfg.data.root is not None:
+        raise LungModelMissing(
+            "real data needs a lung U-Net trained on real lung masks: train one with\n"
+            "  python jobs/train_lungseg.py --data /path/to/MontgomerySet (or Shenzhen, JSRT/SCR, images/+masks/)\n"
+            "then pass --set lungseg.weights=outputs/lungseg/<run>/best.pt"
+        )
+    out = lung_model_dir(cfg)
+    if (out / "metrics.json").is_file():
+        return out / BEST
+    from cycle.data.prepare import data_root
+
+    log(f"[lungseg] no lung model configured: training one on the phantom lung masks in {out}")
+    _, pairs, _ = find_pairs(data_root(cfg, verbose=True).parent, cfg.data.val_fraction, seed=cfg.seed,
+                             cache_dir=Path(cfg.output_dir) / "cache")
+    train_lungseg(cfg, pairs, out, log=log)
+    return out / BEST
+
+
+def summary_line(metrics: dict) -> str:
+    return (f"test Dice {metrics['test_dice']:.4f} (95% CI {metrics['test_dice_ci_low']:.4f}-"
+            f"{metrics['test_dice_ci_high']:.4f}), IoU {metrics['test_iou']:.4f} "
+            f"({metrics['test_iou_ci_low']:.4f}-{metrics['test_iou_ci_high']:.4f}) on {metrics['n_test']} films")
+
