@@ -1,0 +1,142 @@
+"""The enhanced training image: trusted lung evidence kept or emphasised, misleading context
+neutralised. Pure functions on arrays (float32 in [0, 1], [N, H, W]); no Ray, no torch.
+
+Modes (strength in [0, 1]; 0 returns the original image):
+- highlight:    the CAM, restricted to the (dilated) lungs, pushes pixels toward white
+                (the original study's overlay);
+- suppress:     everything outside the CAM-weighted lungs is dimmed toward black;
+- context_swap: the lung region of image i is kept and everything outside the lungs comes from
+                another training image j drawn at random across labels, blended at the mask edge,
+                so context stops predicting the label while the input stays a whole chest film.
+
+Trust rule: a CAM whose lung energy share is below `trust_threshold` does not show where the
+evidence is; such an image falls back to `lung_only` (lungs kept, the rest suppressed),
+`original`, or `drop`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+MODES = ("highlight", "suppress", "context_swap")
+FALLBACKS = ("original", "lung_only", "drop")
+
+
+@dataclass
+class Enhanced:
+    images: np.ndarray  # float32 [N, H, W] in [0, 1]
+    keep: np.ndarray  # bool [N]: False where the fallback is "drop"
+    trusted: np.ndarray  # bool [N]
+    lung_share: np.ndarray  # float [N]: CAM energy inside the lungs (NaN for a flat map)
+    donors: np.ndarray  # int [N]: the context donor of each image (context_swap), else -1
+
+
+def soft_mask(masks: np.ndarray, dilate_px: int, feather_px: float = 2.0) -> np.ndarray:
+    """Boolean masks -> float masks: 1 on the mask dilated by `dilate_px`, fading to 0 outside
+    it over about `feather_px` (outward only: the lungs themselves are never dimmed)."""
+    out = np.empty(masks.shape, np.float32)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1,) * 2) if dilate_px else None
+    for i, mask in enumerate(masks.astype(np.uint8)):
+        grown = cv2.dilate(mask, kernel) if kernel is not None else mask
+        soft = grown.astype(np.float32)
+        if feather_px > 0:
+            soft = np.maximum(soft, cv2.GaussianBlur(soft, (0, 0), feather_px))
+        out[i] = soft
+    return out
+
+
+def lung_energy_share(cams: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    total = cams.sum(axis=(1, 2))
+    inside = (cams * lungs).sum(axis=(1, 2))
+    return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
+
+
+def restrict(cams: np.ndarray, lung_soft: np.ndarray) -> np.ndarray:
+    """The CAM inside the (dilated) lungs, renormalised per image to a maximum of 1."""
+    inside = cams * lung_soft
+    peak = inside.reshape(len(inside), -1).max(axis=1)[:, None, None]
+    return np.where(peak > 0, inside / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation with no fixed point: every image gets another image's context."""
+    if n < 2:
+        return np.full(n, -1 if n == 0 else 0)
+    order = rng.permutation(n)
+    return np.roll(order, 1)[np.argsort(order)]
+
+
+def overlay(
+    images: np.ndarray,
+    cams: np.ndarray,
+    lungs: np.ndarray,
+    strength: float,
+    mode: str,
+    rng: np.random.Generator | None = None,
+    dilate_px: int = 4,
+    donors: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Enhance a batch; returns (images, donors). `donors[i]` = j whose context image i takes."""
+    if mode not in MODES:
+        raise ValueError(f"unknown enhance mode {mode!r}; use one of {', '.join(MODES)}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    images = np.asarray(images, dtype=np.float32)
+    n = len(images)
+    no_donor = np.full(n, -1)
+    if strength == 0.0:
+        return images.copy(), no_donor
+    lung_soft = soft_mask(np.asarray(lungs, bool), dilate_px)
+    if mode == "highlight":
+        trusted = restrict(np.asarray(cams, np.float32), lung_soft)
+        return images + strength * trusted * (1.0 - images), no_donor
+    if mode == "suppress":
+        trusted = restrict(np.asarray(cams, np.float32), lung_soft)
+        keep = lung_soft * (0.5 + 0.5 * trusted)  # lungs stay, brightest where the CAM points
+        return images * (1.0 - strength * (1.0 - keep)), no_donor
+    rng = rng if rng is not None else np.random.default_rng()
+    donors = derangement(n, rng) if donors is None else np.asarray(donors)
+    if n < 2:
+        return images.copy(), no_donor  # no other image to take context from
+    swapped = lung_soft * images + (1.0 - lung_soft) * images[donors]
+    return (1.0 - strength) * images + strength * swapped, donors
+
+
+def lung_only(images: np.ndarray, lungs: np.ndarray, dilate_px: int = 4) -> np.ndarray:
+    """The fallback for untrusted maps: lungs kept, everything else black."""
+    return np.asarray(images, np.float32) * soft_mask(np.asarray(lungs, bool), dilate_px)
+
+
+def enhance_batch(
+    images: np.ndarray,
+    cams: np.ndarray,
+    lungs: np.ndarray,
+    mode: str,
+    strength: float,
+    trust_threshold: float,
+    fallback: str,
+    rng: np.random.Generator,
+    dilate_px: int = 4,
+) -> Enhanced:
+    """Overlay every image, then apply the trust rule and its fallback."""
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; use one of {', '.join(FALLBACKS)}")
+    images = np.asarray(images, np.float32)
+    cams = np.asarray(cams, np.float32)
+    lungs = np.asarray(lungs, bool)
+    share = lung_energy_share(cams, lungs)
+    trusted = np.nan_to_num(share, nan=0.0) >= trust_threshold
+    out, donors = overlay(images, cams, lungs, strength, mode, rng, dilate_px)
+    keep = np.ones(len(images), bool)
+    untrusted = ~trusted
+    if untrusted.any():
+        if fallback == "original":
+            out[untrusted] = images[untrusted]
+        elif fallback == "lung_only":
+            out[untrusted] = lung_only(images[untrusted], lungs[untrusted], dilate_px)
+        else:
+            keep[untrusted] = False
+    return Enhanced(np.clip(out, 0.0, 1.0).astype(np.float32), keep, trusted, share, donors)
