@@ -12,9 +12,10 @@ from cycle.io import atomic_torch_save
 from cycle.models import Classifier, build_model
 
 
-def model_meta(cfg: Config) -> dict:
+def model_meta(cfg: Config, model: Classifier) -> dict:
+    """What rebuilding `model` needs: its own architecture, the config's input geometry."""
     return {
-        "arch": cfg.model.arch,
+        "arch": model.arch,
         "image_size": cfg.data.image_size,
         "crop_fraction": cfg.data.crop_fraction,
         "mean": cfg.data.mean,
@@ -24,7 +25,7 @@ def model_meta(cfg: Config) -> dict:
 
 
 def save_classifier(path: str | Path, model: Classifier, cfg: Config, **extra) -> Path:
-    return atomic_torch_save(path, {"model": model.state_dict(), "meta": model_meta(cfg), **extra})
+    return atomic_torch_save(path, {"model": model.state_dict(), "meta": model_meta(cfg, model), **extra})
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, Preprocess]:

@@ -114,7 +114,8 @@ class LungsegConfig(Section):
 class EnhanceConfig(Section):
     mode: Literal["context_swap", "highlight", "suppress"] = "context_swap"
     strength: float = Field(1.0, ge=0.0, le=1.0)  # context_swap: 1 = the whole context swapped
-    trust_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # 0 = every CAM trusted: context_swap uses only the lung mask; set it for highlight/suppress.
+    trust_threshold: float = Field(0.0, ge=0.0, le=1.0)
     fallback: Literal["original", "lung_only", "drop"] = "original"
     dilate_px: int = Field(4, ge=0)
 

@@ -177,3 +177,25 @@ def mask_comparison(films, truths, preds, path: str | Path, cols: int = 4) -> Pa
                 bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
     fig.subplots_adjust(wspace=0.03, hspace=0.03)
     return _save(fig, path)
+
+
+def enhanced_grid(originals, cams, enhanced, path: str | Path, cols: int = 7, alpha: float = 0.45) -> Path:
+    """Triplets (film, film + CAM, enhanced film), `cols` triplets a row; arrays [N, H, W] in [0, 1].
+    Drawn with OpenCV: 49 triplets render in milliseconds."""
+    import cv2
+
+    tiles = []
+    for film, cam, out in zip(originals, cams, enhanced):
+        gray = cv2.cvtColor(np.clip(film * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+        heat = cv2.applyColorMap(np.clip(cam * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+        over = cv2.addWeighted(gray, 1 - alpha, heat, alpha, 0)
+        after = cv2.cvtColor(np.clip(out * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+        tile = np.concatenate([gray, over, after], axis=1)
+        tiles.append(np.pad(tile, ((3, 3), (3, 3), (0, 0)), constant_values=40))
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    sheet = np.concatenate([np.concatenate(tiles[r : r + cols], axis=1) for r in range(0, len(tiles), cols)], axis=0)
+    ok, png = cv2.imencode(".png", sheet)
+    from cycle.io import atomic_write_bytes
+
+    return atomic_write_bytes(path, png.tobytes())

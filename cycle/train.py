@@ -276,7 +276,7 @@ def train_func(loop_config: dict) -> None:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "state": state,
-                "meta": model_meta(cfg),
+                "meta": model_meta(cfg, model),
             }
             atomic_torch_save(run_dir / LAST, checkpoint)
             if session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)

@@ -29,7 +29,9 @@ class ImageDataset(Dataset):
         seed: int = 0,
         cache: bool = True,
         max_pixels: int = 60_000_000,
+        resized: Sequence[np.ndarray] | None = None,
     ):
+        """`resized`: films already at the preprocess's R x R (e.g. enhanced shards)."""
         self.records = list(records)
         self.preprocess = preprocess
         self.augment = augment
@@ -37,6 +39,10 @@ class ImageDataset(Dataset):
         self.epoch = 0
         self.max_pixels = max_pixels
         self._cache: list[np.ndarray | None] | None = [None] * len(self.records) if cache else None
+        if resized is not None:
+            if len(resized) != len(self.records):
+                raise ValueError(f"{len(resized)} films for {len(self.records)} records")
+            self._cache = list(resized)
 
     def __len__(self) -> int:
         return len(self.records)

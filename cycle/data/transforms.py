@@ -7,6 +7,7 @@ R = round(size / crop_fraction), then cut the central size x size square.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,15 +32,19 @@ def load_grayscale(path: str | Path, max_pixels: int = 60_000_000) -> np.ndarray
 
     Raises ImageLoadError with a reason for empty, non-image, truncated or oversized files.
     """
-    path = Path(path)
     try:
-        size = path.stat().st_size
+        data = Path(path).read_bytes()
     except OSError as err:
         raise ImageLoadError(f"unreadable: {err.strerror or err}") from None
-    if size == 0:
+    return decode_grayscale(data, max_pixels)
+
+
+def decode_grayscale(data: bytes, max_pixels: int = 60_000_000) -> np.ndarray:
+    """`load_grayscale` for bytes already in memory (Ray Data reads files as bytes)."""
+    if len(data) == 0:
         raise ImageLoadError("empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageLoadError(

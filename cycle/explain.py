@@ -1,0 +1,235 @@
+"""Build the enhanced training set with Ray Data: for every training film, the classifier's CAM,
+the U-Net lung mask, localisation numbers and the enhanced film, in one pass, written as shards.
+
+    read_binary_files -> decode (tasks; a bad file becomes a 'skipped' row, never an error)
+      -> EnhanceWorker (actors holding both models; GPUs where configured)
+      -> write_parquet into <out>.partial-<id> -> manifest -> rename to <out>
+
+The same `decode_batch` and `EnhanceWorker` run in-process (`enhance_inprocess`): the benchmark's
+batched baseline, the sample picture, and the tests' reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from cycle.config import Config, config_hash
+from cycle.data.records import Record
+from cycle.data.shards import MANIFEST, OK, file_sha256, publish, read_manifest, write_manifest
+from cycle.data.transforms import ImageLoadError, Preprocess, decode_grayscale
+from cycle.enhance import enhance_batch
+
+
+def decode_batch(batch: dict, lookup: dict, preprocess: dict, max_pixels: int) -> dict:
+    """bytes + path -> films resized to R x R (uint8) with label, split, patient, status, reason."""
+    pre = Preprocess(**preprocess)
+    r = pre.resize_to
+    paths = [os.path.abspath(str(p)) for p in batch["path"]]
+    films = np.zeros((len(paths), r, r), np.uint8)
+    status, reason = [], []
+    for i, data in enumerate(batch["bytes"]):
+        try:
+            films[i] = pre.resize(decode_grayscale(bytes(data), max_pixels))
+            status.append(OK)
+            reason.append("")
+        except ImageLoadError as err:
+            status.append("skipped")
+            reason.append(err.reason)
+    meta = [lookup[p] for p in paths]
+    return {
+        "film": films,
+        "path": np.array(paths, dtype=object),
+        "label": np.array([m[0] for m in meta], dtype=np.int64),
+        "split": np.array([m[1] for m in meta], dtype=object),
+        "patient": np.array([m[2] for m in meta], dtype=object),
+        "status": np.array(status, dtype=object),
+        "reason": np.array(reason, dtype=object),
+    }
+
+
+class EnhanceWorker:
+    """Holds the classifier and the lung U-Net; turns decoded batches into shard rows."""
+
+    def __init__(self, classifier_path: str, lung_model_path: str, settings: dict, threads: int | None = None):
+        from cycle.checkpoint import load_classifier
+        from cycle.lungs import load_lung_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.pre = load_classifier(classifier_path, self.device)
+        self.unet = load_lung_model(lung_model_path, self.device)
+        self.s = settings
+
+    def maps(self, films: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """R x R films -> (CAMs on the R x R canvas, zero outside the crop; lung masks; P(PNEUMONIA))."""
+        from cycle.cam import compute_cam
+        from cycle.lungs import predict
+
+        x = torch.stack([self.pre.normalise(self.pre.crop(f)) for f in films]).to(self.device)
+        cams, logits = compute_cam(self.model, x, method=self.s["cam_method"], return_logits=True)
+        r, s = self.pre.resize_to, self.pre.size
+        off = (r - s) // 2
+        canvas = np.zeros((len(films), r, r), np.float32)
+        canvas[:, off : off + s, off : off + s] = cams.float().cpu().numpy()
+        lungs = np.stack(predict(self.unet, list(films)))
+        probs = logits.float().softmax(dim=1)[:, 1].cpu().numpy()
+        return canvas, lungs, probs
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["path"])
+        ok = np.array([s == OK for s in batch["status"]], bool)
+        out = {k: batch[k] for k in ("path", "label", "split", "patient")}
+        status, reason = np.array(batch["status"], dtype=object), np.array(batch["reason"], dtype=object)
+        images = np.array([b""] * n, dtype=object)
+        zeros = np.zeros(n, np.float64)
+        stats = {"prob_pneumonia": zeros.copy(), "cam_mean": zeros.copy(), "lung_share": np.full(n, np.nan),
+                 "cam_peak_y": np.zeros(n, np.int64), "cam_peak_x": np.zeros(n, np.int64)}
+        trusted, donors = np.zeros(n, bool), np.array([""] * n, dtype=object)
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            films = batch["film"][idx]
+            cams, lungs, probs = self.maps(films)
+            rng = np.random.default_rng([self.s["seed"], zlib.crc32(str(batch["path"][idx[0]]).encode())])
+            result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, self.s["mode"], self.s["strength"],
+                                   self.s["trust_threshold"], self.s["fallback"], rng, self.s["dilate_px"])
+            for k, i in enumerate(idx):
+                peak = np.unravel_index(int(cams[k].argmax()), cams[k].shape)
+                stats["prob_pneumonia"][i] = probs[k]
+                stats["cam_mean"][i] = float(cams[k].mean())
+                stats["lung_share"][i] = result.lung_share[k]
+                stats["cam_peak_y"][i], stats["cam_peak_x"][i] = peak
+                trusted[i] = result.trusted[k]
+                if result.donors[k] >= 0:
+                    donors[i] = str(batch["path"][idx[result.donors[k]]])
+                if not result.keep[k]:
+                    status[i], reason[i] = "dropped", "untrusted CAM (fallback: drop)"
+                    continue
+                png = cv2.imencode(".png", np.round(result.images[k] * 255).astype(np.uint8))[1]
+                images[i] = png.tobytes()
+        return {"image": images, **out, **stats, "trusted": trusted, "donor": donors,
+                "status": status, "reason": reason}
+
+
+def worker_settings(cfg: Config) -> dict:
+    e = cfg.enhance
+    return {"cam_method": cfg.cam.method, "mode": e.mode, "strength": e.strength,
+            "trust_threshold": e.trust_threshold, "fallback": e.fallback, "dilate_px": e.dilate_px,
+            "seed": cfg.seed}
+
+
+def _inputs(records: Sequence[Record], seed: int) -> tuple[list[str], dict]:
+    """Absolute paths in a seeded random order (every batch mixes labels: context_swap donors
+    must come from both classes), and the path -> (label, split, patient) lookup."""
+    lookup = {os.path.abspath(r.path): (r.label, r.split, r.patient) for r in records}
+    paths = sorted(lookup)
+    order = np.random.default_rng([seed, 101]).permutation(len(paths))
+    return [paths[i] for i in order], lookup
+
+
+def build_key(cfg: Config, records: Sequence[Record], classifier_path, lung_model_path) -> str:
+    parts = {
+        "config": config_hash(cfg, "data", "cam", "enhance", "seed"),
+        "classifier": file_sha256(classifier_path),
+        "lung_model": file_sha256(lung_model_path),
+        "inputs": hashlib.sha256("\n".join(sorted(r.path for r in records)).encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def build_shards(
+    cfg: Config,
+    records: Sequence[Record],
+    classifier_path: str | Path,
+    lung_model_path: str | Path,
+    out_dir: str | Path,
+    num_actors: int = 1,
+    batch_size: int | None = None,
+    gpus_per_actor: float = 0.0,
+    threads_per_actor: int | None = None,
+    log=print,
+) -> dict:
+    """Build (or reuse) the enhanced shards of `records` in `out_dir`; returns the manifest."""
+    import ray.data
+
+    out_dir = Path(out_dir)
+    key = build_key(cfg, records, classifier_path, lung_model_path)
+    if (out_dir / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(out_dir)
+            if manifest["build_key"] == key:
+                log(f"[shards] {out_dir} is up to date (build {key}): nothing to do")
+                return manifest
+        except Exception as err:  # a damaged build is rebuilt, not trusted
+            log(f"[shards] rebuilding {out_dir}: {err}")
+    for stale in out_dir.parent.glob(out_dir.name + ".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # an interrupted build: never readable, now gone
+    tmp = out_dir.with_name(f"{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+
+    paths, lookup = _inputs(records, cfg.seed)
+    batch_size = batch_size or cfg.cam.batch_size
+    pre = {"size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": cfg.data.mean, "std": cfg.data.std}
+    log(f"[shards] {len(paths):,} films -> {out_dir} ({cfg.enhance.mode}, strength {cfg.enhance.strength}, "
+        f"{num_actors} actor(s))")
+    ds = ray.data.read_binary_files(paths, include_paths=True)
+    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
+                        fn_kwargs={"lookup": lookup, "preprocess": pre, "max_pixels": cfg.data.max_image_pixels})
+    ds = ds.map_batches(
+        EnhanceWorker,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=gpus_per_actor,
+        num_cpus=1,
+        fn_constructor_kwargs={"classifier_path": str(classifier_path), "lung_model_path": str(lung_model_path),
+                               "settings": worker_settings(cfg), "threads": threads_per_actor},
+    )
+    ds.write_parquet(str(tmp))
+    manifest = write_manifest(tmp, key, len(paths), extra={
+        "mode": cfg.enhance.mode, "strength": cfg.enhance.strength, "trust_threshold": cfg.enhance.trust_threshold,
+        "fallback": cfg.enhance.fallback, "classifier": str(classifier_path), "lung_model": str(lung_model_path),
+        "image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction,
+    })
+    publish(tmp, out_dir)
+    c = manifest["counts"]
+    log(f"[shards] wrote {c['written']:,} of {c['in']:,} films ({c['skipped']:,} skipped, "
+        f"{c['untrusted_written']:,} with an untrusted CAM) in {len(manifest['shards'])} shard(s)")
+    return manifest
+
+
+def enhance_inprocess(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32) -> list[dict]:
+    """The same pipeline batched in this process (no Ray): a list of output batches."""
+    paths, lookup = _inputs(records, cfg.seed)
+    pre = {"size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": cfg.data.mean, "std": cfg.data.std}
+    outputs = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        raw = {"bytes": [Path(p).read_bytes() for p in chunk], "path": chunk}
+        outputs.append(worker(decode_batch(raw, lookup, pre, cfg.data.max_image_pixels)))
+    return outputs
+
+
+def sample_picture(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, path: str | Path, n: int = 49) -> Path:
+    """49 films of the build's order: (film, CAM, enhanced film) triplets."""
+    from cycle.data.transforms import load_grayscale
+    from cycle.plots import enhanced_grid
+
+    paths, _ = _inputs(records, cfg.seed)
+    films = np.stack([worker.pre.resize(load_grayscale(p)) for p in paths[:n]])
+    cams, lungs, _ = worker.maps(films)
+    s = worker.s
+    result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, s["mode"], s["strength"],
+                           s["trust_threshold"], s["fallback"], np.random.default_rng(s["seed"]), s["dilate_px"])
+    return enhanced_grid(films / 255.0, cams, result.images, path)

@@ -1,0 +1,60 @@
+"""Build the enhanced training set (CAM + lung mask + enhanced film per training image) as shards.
+
+    python jobs/build_shards.py --model outputs/RUN/best.pt --lung-model outputs/lungseg/RUN/best.pt
+                                [--config FILE] [--set k=v ...] [--out DIR] [--actors N]
+
+Writes DIR/*.parquet + DIR/manifest.json (default DIR: OUTPUT_DIR/shards/<run>) and
+DIR/samples.png (49 films beside their CAMs and enhanced versions). An identical rebuild is a
+no-op; an interrupted one leaves nothing readable and is redone by the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import _common
+
+from cycle.data.prepare import prepare_records
+from cycle.data.records import DataError, records_of
+from cycle.explain import EnhanceWorker, build_shards, sample_picture, worker_settings
+from cycle.ray_session import init_ray
+
+
+def main() -> None:
+    parser = _common.config_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--model", required=True, help="classifier checkpoint (best.pt)")
+    parser.add_argument("--lung-model", required=True, help="lung U-Net checkpoint (jobs/train_lungseg.py)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--actors", type=int, default=1, help="Ray Data actors holding the models")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    args = parser.parse_args()
+    cfg = _common.config_from(args)
+    for path in (args.model, args.lung_model):
+        if not Path(path).is_file():
+            sys.exit(f"error: checkpoint not found: {path}")
+    try:
+        scan = prepare_records(cfg, verbose=True)
+    except DataError as err:
+        sys.exit(f"error: {err}")
+    train = records_of(scan.records, "train")
+    out = Path(args.out or Path(cfg.output_dir) / "shards" / Path(args.model).parent.name)
+
+    init_ray(cfg)
+    manifest = build_shards(cfg, train, args.model, args.lung_model, out, num_actors=args.actors,
+                            gpus_per_actor=args.gpus_per_actor)
+    samples = out / "samples.png"
+    if not samples.is_file() or samples.stat().st_mtime < (out / "manifest.json").stat().st_mtime:
+        worker = EnhanceWorker(args.model, args.lung_model, worker_settings(cfg))
+        sample_picture(cfg, train, worker, samples)
+    counts = manifest["counts"]
+    print(f"in {counts['in']}, written {counts['written']}, skipped {counts['skipped']}, "
+          f"untrusted (kept by fallback) {counts['untrusted_written']}")
+    for reason, n in manifest["skip_reasons"].items():
+        print(f"  skipped {n}: {reason}")
+    print(f"shards: {out}")
+
+
+if __name__ == "__main__":
+    main()
