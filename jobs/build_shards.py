@@ -20,6 +20,7 @@ from cycle.data.prepare import prepare_records
 from cycle.data.records import DataError, records_of
 from cycle.explain import EnhanceWorker, build_shards, sample_picture, worker_settings
 from cycle.ray_session import init_ray
+from cycle.tracking import Tracker
 
 
 def main() -> None:
@@ -48,7 +49,12 @@ def main() -> None:
     if not samples.is_file() or samples.stat().st_mtime < (out / "manifest.json").stat().st_mtime:
         worker = EnhanceWorker(args.model, args.lung_model, worker_settings(cfg))
         sample_picture(cfg, train, worker, samples)
-    counts = manifest["counts"]
+    with Tracker(cfg, run_name=f"shards-{out.name}", tags={"stage": "shards"}) as tracker:
+        tracker.log_config()
+        counts = manifest["counts"]
+        tracker.log_metrics({f"shards_{k}": v for k, v in counts.items() if isinstance(v, int)})
+        tracker.log_artifact(out / "manifest.json")
+        tracker.log_artifact(samples)
     print(f"in {counts['in']}, written {counts['written']}, skipped {counts['skipped']}, "
           f"untrusted (kept by fallback) {counts['untrusted_written']}")
     for reason, n in manifest["skip_reasons"].items():

@@ -68,6 +68,15 @@ def test_shards_read_back_equal_the_enhanced_images(setup, ray_session):
     for record, film in zip(shard_records, films):
         np.testing.assert_array_equal(film, decode_png(reference[record.path]))
         assert film.shape == (55, 55)  # R = round(48 / 0.875): the pre-crop geometry
+    # The in-process training view: same crop and normalisation as original films.
+    from cycle.data.dataset import ImageDataset
+    from cycle.data.transforms import preprocess_from_config
+
+    pre = preprocess_from_config(cfg.data)
+    dataset = ImageDataset(shard_records, pre, resized=films)
+    tensor, label, _ = dataset[3]
+    torch.testing.assert_close(tensor, pre.normalise(pre.crop(films[3])))
+    assert label == shard_records[3].label
     ds = read_shards_ray(out)
     batch = next(iter(ds.iter_batches(batch_size=8, batch_format="numpy")))
     assert batch["image"].shape[1:] == (55, 55) and batch["image"].dtype == np.uint8
