@@ -38,3 +38,14 @@ def test_augment_is_deterministic_per_rng_and_keeps_sides():
     for _ in range(20):
         out = aug(image, np.random.default_rng(_)).astype(float)
         assert out[:, :24].mean() > out[:, 40:].mean() + 50
+
+
+def test_augment_pair_moves_image_and_mask_together():
+    aug = Augment(rotation_deg=10, translate=0.1, scale=0.1, brightness=0.0, contrast=0.0)
+    image = np.zeros((64, 64), np.uint8)
+    image[20:40, 10:30] = 255
+    mask = image > 0
+    for seed in range(10):
+        out, moved = aug.pair(image, mask, np.random.default_rng(seed))
+        assert moved.dtype == bool and moved.any()
+        assert ((out > 127) == moved).mean() > 0.97

@@ -96,6 +96,12 @@ class Augment:
     contrast: float = 0.1
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.pair(image, None, rng)[0]
+
+    def pair(
+        self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The same geometry for an image and its mask (nearest neighbour); intensity: image only."""
         h, w = image.shape
         angle = rng.uniform(-self.rotation_deg, self.rotation_deg)
         scale = 1.0 + rng.uniform(-self.scale, self.scale)
@@ -104,11 +110,13 @@ class Augment:
         warped = cv2.warpAffine(
             image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
         ).astype(np.float32)
+        if mask is not None:
+            mask = cv2.warpAffine(mask.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST) > 0
         gain = 1.0 + rng.uniform(-self.contrast, self.contrast)
         bias = 255.0 * rng.uniform(-self.brightness, self.brightness)
         mean = warped.mean()
         out = (warped - mean) * gain + mean + bias
-        return np.clip(out, 0, 255).astype(np.uint8)
+        return np.clip(out, 0, 255).astype(np.uint8), mask
 
 
 @dataclass(frozen=True)

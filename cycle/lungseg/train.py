@@ -19,7 +19,7 @@ import torch
 
 from cycle.config import Config, config_hash
 from cycle.data.records import Skipped
-from cycle.data.transforms import ImageLoadError
+from cycle.data.transforms import Augment, ImageLoadError
 from cycle.io import atomic_torch_save, atomic_write_json
 from cycle.localization import bootstrap_ci
 from cycle.lungs import MEAN, STD, check_size, dice_iou, load_lung_model, predict
@@ -56,16 +56,8 @@ def load_arrays(pairs: Sequence[Pair], size: int) -> tuple[np.ndarray, np.ndarra
     return films, masks, [p for p, _ in kept], skipped
 
 
-def augment(film: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The same shift/scale/rotation for film and mask, contrast/brightness for the film only."""
-    h, w = film.shape
-    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-8, 8), 1 + rng.uniform(-0.1, 0.1))
-    matrix[:, 2] += rng.uniform(-0.06, 0.06, size=2) * (w, h)
-    film = cv2.warpAffine(film, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    mask = cv2.warpAffine(mask.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST) > 0
-    gain, bias = 1 + rng.uniform(-0.2, 0.2), rng.uniform(-20, 20)
-    film = np.clip((film.astype(np.float32) - 128) * gain + 128 + bias, 0, 255).astype(np.uint8)
-    return film, mask
+# Wider geometry than the classifier's: a segmenter must hold up at every pose and zoom.
+AUGMENT = Augment(rotation_deg=8.0, translate=0.06, scale=0.1, brightness=0.08, contrast=0.2)
 
 
 def _tensor(films: np.ndarray) -> torch.Tensor:
@@ -127,7 +119,7 @@ def train_lungseg(cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, track
         total = 0.0
         for start in range(0, len(order), lcfg.batch_size):
             idx = order[start : start + lcfg.batch_size]
-            batch = [augment(train_x[i], train_y[i], np.random.default_rng([cfg.seed, epoch, int(i)])) for i in idx]
+            batch = [AUGMENT.pair(train_x[i], train_y[i], np.random.default_rng([cfg.seed, epoch, int(i)])) for i in idx]
             x = _tensor(np.stack([b[0] for b in batch]))
             y = torch.from_numpy(np.stack([b[1] for b in batch])).long().unsqueeze(1)
             loss = loss_fn(model(x), y)
