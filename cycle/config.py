@@ -137,7 +137,7 @@ class TrackingConfig(Section):
 
 
 class ResourcesConfig(Section):
-    num_workers: int = Field(0, ge=0)  # Ray Train workers per architecture; 0 = in-process
+    num_workers: int = Field(1, ge=0)  # Ray Train workers per architecture; 0 = in-process
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)

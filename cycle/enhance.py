@@ -78,8 +78,11 @@ def overlay(
     rng: np.random.Generator | None = None,
     dilate_px: int = 4,
     donors: np.ndarray | None = None,
+    context: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Enhance a batch; returns (images, donors). `donors[i]` = j whose context image i takes."""
+    """Enhance a batch; returns (images, donors). context_swap takes image i's context from
+    `context[i]` when given (films chosen outside the batch), else from `images[donors[i]]`
+    with donors drawn in the batch (returned; -1 where no donor was used)."""
     if mode not in MODES:
         raise ValueError(f"unknown enhance mode {mode!r}; use one of {', '.join(MODES)}")
     if not 0.0 <= strength <= 1.0:
@@ -97,11 +100,15 @@ def overlay(
         trusted = restrict(np.asarray(cams, np.float32), lung_soft)
         keep = lung_soft * (0.5 + 0.5 * trusted)  # lungs stay, brightest where the CAM points
         return images * (1.0 - strength * (1.0 - keep)), no_donor
-    rng = rng if rng is not None else np.random.default_rng()
-    donors = derangement(n, rng) if donors is None else np.asarray(donors)
-    if n < 2:
-        return images.copy(), no_donor  # no other image to take context from
-    swapped = lung_soft * images + (1.0 - lung_soft) * images[donors]
+    if context is not None:
+        outside, donors = np.asarray(context, np.float32), no_donor
+    else:
+        if n < 2:
+            return images.copy(), no_donor  # no other image to take context from
+        rng = rng if rng is not None else np.random.default_rng()
+        donors = derangement(n, rng) if donors is None else np.asarray(donors)
+        outside = images[donors]
+    swapped = lung_soft * images + (1.0 - lung_soft) * outside
     return (1.0 - strength) * images + strength * swapped, donors
 
 
@@ -120,6 +127,7 @@ def enhance_batch(
     fallback: str,
     rng: np.random.Generator,
     dilate_px: int = 4,
+    context: np.ndarray | None = None,
 ) -> Enhanced:
     """Overlay every image, then apply the trust rule and its fallback."""
     if fallback not in FALLBACKS:
@@ -129,7 +137,7 @@ def enhance_batch(
     lungs = np.asarray(lungs, bool)
     share = lung_energy_share(cams, lungs)
     trusted = np.nan_to_num(share, nan=0.0) >= trust_threshold
-    out, donors = overlay(images, cams, lungs, strength, mode, rng, dilate_px)
+    out, donors = overlay(images, cams, lungs, strength, mode, rng, dilate_px, context=context)
     keep = np.ones(len(images), bool)
     untrusted = ~trusted
     if untrusted.any():

@@ -28,15 +28,20 @@ from cycle.config import Config, config_hash
 from cycle.data.records import Record
 from cycle.data.shards import MANIFEST, OK, file_sha256, publish, read_manifest, write_manifest
 from cycle.data.transforms import ImageLoadError, Preprocess, decode_grayscale
-from cycle.enhance import enhance_batch
+from cycle.enhance import derangement, enhance_batch
 
 
-def decode_batch(batch: dict, lookup: dict, preprocess: dict, max_pixels: int) -> dict:
-    """bytes + path -> films resized to R x R (uint8) with label, split, patient, status, reason."""
+def decode_batch(batch: dict, lookup: dict, preprocess: dict, max_pixels: int, with_context: bool = False) -> dict:
+    """bytes + path -> films resized to R x R (uint8) with label, split, patient, status, reason;
+    `with_context`: also each film's context donor (read here: the donor is fixed per film by the
+    seed, not by which batch Ray Data happens to form, so a build is reproducible)."""
     pre = Preprocess(**preprocess)
     r = pre.resize_to
     paths = [os.path.abspath(str(p)) for p in batch["path"]]
+    meta = [lookup[p] for p in paths]
     films = np.zeros((len(paths), r, r), np.uint8)
+    context = np.zeros((len(paths), r, r), np.uint8)
+    donors = []
     status, reason = [], []
     for i, data in enumerate(batch["bytes"]):
         try:
@@ -46,9 +51,18 @@ def decode_batch(batch: dict, lookup: dict, preprocess: dict, max_pixels: int) -
         except ImageLoadError as err:
             status.append("skipped")
             reason.append(err.reason)
-    meta = [lookup[p] for p in paths]
+            donors.append("")
+            continue
+        donor = meta[i][3] if with_context else ""
+        try:
+            context[i] = pre.resize(decode_grayscale(Path(donor).read_bytes(), max_pixels)) if donor else films[i]
+        except (OSError, ImageLoadError):
+            context[i], donor = films[i], ""  # an unreadable donor: the film keeps its own context
+        donors.append(donor)
     return {
         "film": films,
+        "context": context,
+        "donor": np.array(donors, dtype=object),
         "path": np.array(paths, dtype=object),
         "label": np.array([m[0] for m in meta], dtype=np.int64),
         "split": np.array([m[1] for m in meta], dtype=object),
@@ -96,14 +110,16 @@ class EnhanceWorker:
         zeros = np.zeros(n, np.float64)
         stats = {"prob_pneumonia": zeros.copy(), "cam_mean": zeros.copy(), "lung_share": np.full(n, np.nan),
                  "cam_peak_y": np.zeros(n, np.int64), "cam_peak_x": np.zeros(n, np.int64)}
-        trusted, donors = np.zeros(n, bool), np.array([""] * n, dtype=object)
+        trusted, donors = np.zeros(n, bool), np.array(batch["donor"], dtype=object)
         if ok.any():
             idx = np.flatnonzero(ok)
             films = batch["film"][idx]
             cams, lungs, probs = self.maps(films)
             rng = np.random.default_rng([self.s["seed"], zlib.crc32(str(batch["path"][idx[0]]).encode())])
+            context = batch["context"][idx].astype(np.float32) / 255.0 if self.s["mode"] == "context_swap" else None
             result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, self.s["mode"], self.s["strength"],
-                                   self.s["trust_threshold"], self.s["fallback"], rng, self.s["dilate_px"])
+                                   self.s["trust_threshold"], self.s["fallback"], rng, self.s["dilate_px"],
+                                   context=context)
             for k, i in enumerate(idx):
                 peak = np.unravel_index(int(cams[k].argmax()), cams[k].shape)
                 stats["prob_pneumonia"][i] = probs[k]
@@ -111,8 +127,6 @@ class EnhanceWorker:
                 stats["lung_share"][i] = result.lung_share[k]
                 stats["cam_peak_y"][i], stats["cam_peak_x"][i] = peak
                 trusted[i] = result.trusted[k]
-                if result.donors[k] >= 0:
-                    donors[i] = str(batch["path"][idx[result.donors[k]]])
                 if not result.keep[k]:
                     status[i], reason[i] = "dropped", "untrusted CAM (fallback: drop)"
                     continue
@@ -130,12 +144,15 @@ def worker_settings(cfg: Config) -> dict:
 
 
 def _inputs(records: Sequence[Record], seed: int) -> tuple[list[str], dict]:
-    """Absolute paths in a seeded random order (every batch mixes labels: context_swap donors
-    must come from both classes), and the path -> (label, split, patient) lookup."""
-    lookup = {os.path.abspath(r.path): (r.label, r.split, r.patient) for r in records}
-    paths = sorted(lookup)
-    order = np.random.default_rng([seed, 101]).permutation(len(paths))
-    return [paths[i] for i in order], lookup
+    """Absolute paths in a seeded random order, and path -> (label, split, patient, donor): each
+    film's context donor is another training film drawn at random across labels."""
+    meta = {os.path.abspath(r.path): (r.label, r.split, r.patient) for r in records}
+    paths = sorted(meta)
+    rng = np.random.default_rng([seed, 101])
+    paths = [paths[i] for i in rng.permutation(len(paths))]
+    donors = derangement(len(paths), rng) if len(paths) > 1 else np.zeros(len(paths), int)
+    lookup = {p: (*meta[p], paths[d] if len(paths) > 1 else "") for p, d in zip(paths, donors)}
+    return paths, lookup
 
 
 def build_key(cfg: Config, records: Sequence[Record], classifier_path, lung_model_path) -> str:
@@ -185,7 +202,8 @@ def build_shards(
         f"{num_actors} actor(s))")
     ds = ray.data.read_binary_files(paths, include_paths=True)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
-                        fn_kwargs={"lookup": lookup, "preprocess": pre, "max_pixels": cfg.data.max_image_pixels})
+                        fn_kwargs={"lookup": lookup, "preprocess": pre, "max_pixels": cfg.data.max_image_pixels,
+                                   "with_context": cfg.enhance.mode == "context_swap"})
     ds = ds.map_batches(
         EnhanceWorker,
         batch_size=batch_size,
@@ -217,7 +235,8 @@ def enhance_inprocess(cfg: Config, records: Sequence[Record], worker: EnhanceWor
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         raw = {"bytes": [Path(p).read_bytes() for p in chunk], "path": chunk}
-        outputs.append(worker(decode_batch(raw, lookup, pre, cfg.data.max_image_pixels)))
+        outputs.append(worker(decode_batch(raw, lookup, pre, cfg.data.max_image_pixels,
+                                           with_context=cfg.enhance.mode == "context_swap")))
     return outputs
 
 
@@ -226,10 +245,12 @@ def sample_picture(cfg: Config, records: Sequence[Record], worker: EnhanceWorker
     from cycle.data.transforms import load_grayscale
     from cycle.plots import enhanced_grid
 
-    paths, _ = _inputs(records, cfg.seed)
+    paths, lookup = _inputs(records, cfg.seed)
     films = np.stack([worker.pre.resize(load_grayscale(p)) for p in paths[:n]])
+    context = np.stack([worker.pre.resize(load_grayscale(lookup[p][3])) for p in paths[:n]]) / 255.0
     cams, lungs, _ = worker.maps(films)
     s = worker.s
     result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, s["mode"], s["strength"],
-                           s["trust_threshold"], s["fallback"], np.random.default_rng(s["seed"]), s["dilate_px"])
+                           s["trust_threshold"], s["fallback"], np.random.default_rng(s["seed"]), s["dilate_px"],
+                           context=context if s["mode"] == "context_swap" else None)
     return enhanced_grid(films / 255.0, cams, result.images, path)

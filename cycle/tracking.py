@@ -91,9 +91,11 @@ class Tracker:
 
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def log_model(self, model, name: str = "model", registered_model_name: str | None = None):
+    def log_model(self, model, input_example, name: str = "model", registered_model_name: str | None = None):
+        """MLflow 3 saves PyTorch models as exported graphs (pt2), traced on `input_example`."""
         if self.run is None:
             return None
         import mlflow.pytorch
 
-        return mlflow.pytorch.log_model(model, name=name, registered_model_name=registered_model_name)
+        return mlflow.pytorch.log_model(model.eval(), name=name, input_example=input_example,
+                                        registered_model_name=registered_model_name)

@@ -194,11 +194,15 @@ def train_one_epoch(model, data, optimizer, criterion, cfg: Config, session: Ses
 
 def train_func(loop_config: dict) -> None:
     """Ray Train entry point. loop_config: {"config": Config dump, "records": path, "run_dir": path,
-    "ray_checkpoints": bool}. Writes run_dir/{last.pt, best.pt, history.json, metrics.json}."""
+    "ray_checkpoints": bool, "train_shards": optional shard dir}. With `train_shards` the model
+    trains on the enhanced films of a shard build and is still validated and tested on the
+    original films. Writes run_dir/{last.pt, best.pt, history.json, metrics.json}."""
     cfg = Config.model_validate(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our epoch line says it better
     session = Session.detect(bool(loop_config.get("ray_checkpoints", False)))
+    if session.in_ray and loop_config.get("threads"):
+        torch.set_num_threads(int(loop_config["threads"]))  # workers side by side share the cores
     scan = ScanResult.load(loop_config["records"])
     torch.manual_seed(cfg.seed)
 
@@ -215,6 +219,11 @@ def train_func(loop_config: dict) -> None:
         )
         for split in ("train", *EVAL_SPLITS)
     }
+    if loop_config.get("train_shards"):
+        from cycle.data.shards import load_shards
+
+        shard_records, films, _ = load_shards(loop_config["train_shards"])
+        datasets["train"] = ImageDataset(shard_records, preprocess, augment, seed=cfg.seed, resized=films)
     datasets = {k: v for k, v in datasets.items() if len(v)}
     if "train" not in datasets or "val" not in datasets:
         raise RuntimeError("training needs non-empty train and val splits")
@@ -331,8 +340,9 @@ def resolve_use_gpu(cfg: Config) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str) -> dict:
-    """Fit one architecture with Ray Train (num_workers=0: in this process). Returns metrics.json."""
+def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, train_shards: Path | None = None) -> dict:
+    """Fit one architecture with Ray Train (num_workers=0: in this process). Returns metrics.json.
+    Safe to call from several threads at once: each call is its own TorchTrainer."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -349,6 +359,8 @@ def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str) -> d
             "records": str(records_path),
             "run_dir": str(run_dir.resolve()),
             "ray_checkpoints": workers > 0,
+            "train_shards": str(train_shards) if train_shards else None,
+            "threads": max(1, int(cfg.resources.cpus_per_worker)),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources if workers else None

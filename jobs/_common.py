@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 # Jobs run as scripts (`python jobs/x.py`, `ray job submit -- python jobs/x.py`): make the package
-# importable from a plain checkout without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# importable from a plain checkout without installing it. The jobs folder itself leaves sys.path:
+# Ray hands the driver's path to its workers, where `jobs/cycle.py` would shadow the package.
+_JOBS = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _JOBS]
+sys.path.insert(0, str(_JOBS.parent))
 
 from cycle.config import Config, ConfigError, load_config  # noqa: E402
 

@@ -111,3 +111,22 @@ def test_a_tampered_shard_is_refused(setup, ray_session, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ShardError, match="checksum"):
         load_shards(copy)
+
+
+def test_context_swap_shards_do_not_depend_on_batching(setup, ray_session):
+    cfg, records, clf, unet, tmp = setup
+    from cycle.config import load_config
+    from cycle.data.shards import decode_png
+
+    swap = load_config(None, [f"output_dir={tmp}", "data.image_size=48", "enhance.mode=context_swap",
+                              "enhance.strength=1.0"])
+    build_shards(swap, records, clf, unet, tmp / "swap", batch_size=8, log=lambda *_: None)
+    shard_records, films, stats = load_shards(tmp / "swap")
+    worker = EnhanceWorker(str(clf), str(unet), worker_settings(swap))
+    reference = {p: png for b in enhance_inprocess(swap, records, worker, batch_size=13)
+                 for p, png, s in zip(b["path"], b["image"], b["status"]) if s == "ok"}
+    for record, film, stat in zip(shard_records, films, stats):
+        np.testing.assert_array_equal(film, decode_png(reference[record.path]))
+        assert stat["donor"] != record.path
+    # the broken file is somebody's donor: that film keeps its own context, the rest are swapped
+    assert sum(not s["donor"] for s in stats) == 1

@@ -1,0 +1,271 @@
+"""The refinement cycle, stage by stage, resumable.
+
+    cycle 0:   train each architecture on the original films (the baseline)
+    cycle k:   build shards with cycle k-1's model  ->  fine-tune it on them  ->  evaluate
+               (classification on the ORIGINAL val/test/test_cf films; localisation on test)
+
+Every stage writes under `output_dir/<run>/cycle_<k>/<arch>/<stage>/` and ends with a `DONE`
+marker; a rerun with the same run name skips finished stages and resumes the interrupted one
+from its checkpoint. The architectures of a cycle train side by side (one TorchTrainer each, in
+threads of this driver); MLflow is written from this thread only (SQLite likes one writer).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cycle.config import Config, dump_yaml
+from cycle.data.records import ScanResult, records_of
+from cycle.io import atomic_write_json, atomic_write_text
+
+DONE = "DONE"
+REPORT_METRICS = (
+    ("test_accuracy", "test acc"), ("test_sensitivity", "sens"), ("test_specificity", "spec"),
+    ("test_auc", "AUC"), ("test_cf_accuracy", "cf acc"), ("lung_energy_share", "lung share"),
+    ("lesion_pointing_game", "pointing"), ("confounder_energy_share", "confounder share"),
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    def stage(self, k: int, arch: str, name: str) -> Path:
+        return self.root / f"cycle_{k}" / arch / name
+
+    @staticmethod
+    def done(stage_dir: Path) -> bool:
+        return (stage_dir / DONE).is_file()
+
+    @staticmethod
+    def mark_done(stage_dir: Path, info: dict | None = None) -> None:
+        atomic_write_json(stage_dir / DONE, {"finished": time.time(), **(info or {})})
+
+
+@dataclass
+class CycleState:
+    results: dict[str, list[dict]] = field(default_factory=dict)  # arch -> metrics per cycle
+    stopped: dict[str, str] = field(default_factory=dict)  # arch -> why it stopped early
+
+
+def arch_config(cfg: Config, arch: str, k: int, previous: Path | None) -> Config:
+    """The config of one (cycle, architecture) training stage: fine-tuning after the baseline."""
+    data = cfg.model_dump()
+    data["model"]["arch"] = arch
+    if k > 0:
+        data["model"]["weights_path"] = str(previous)
+        data["model"]["pretrained"] = False
+        data["train"]["epochs"] = cfg.cycles.epochs
+        data["train"]["lr"] = cfg.cycles.lr
+        data["seed"] = cfg.seed + k  # a fresh shuffle per cycle, still fixed by the seed
+    return Config.model_validate(data)
+
+
+def should_stop(history: list[dict], epsilon: float, delta: float) -> str | None:
+    """The stop rule: lung energy share gained less than epsilon, or val accuracy fell > delta."""
+    if len(history) < 2:
+        return None
+    prev, last = history[-2], history[-1]
+    if last["val_accuracy"] < prev["val_accuracy"] - delta:
+        return f"val accuracy fell {prev['val_accuracy'] - last['val_accuracy']:.3f} > {delta}"
+    gain = last.get("lung_energy_share", np.nan) - prev.get("lung_energy_share", np.nan)
+    if not np.isnan(gain) and gain < epsilon:
+        return f"lung energy share gained {gain:+.3f} < {epsilon}"
+    return None
+
+
+class Runner:
+    def __init__(self, cfg: Config, run_name: str, tracker=None):
+        from cycle.ray_session import init_ray
+
+        self.cfg = cfg
+        self.paths = RunPaths(Path(cfg.output_dir) / run_name)
+        self.run_name = run_name
+        self.tracker = tracker
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.paths.root / "config.yaml", dump_yaml(cfg))
+        init_ray(cfg)
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def prepare(self) -> tuple[Path, Path]:
+        """Records (phantoms made if missing) and the lung model: the cheap-to-check inputs."""
+        from cycle.data.prepare import prepare_records
+        from cycle.lungseg.train import ensure_lung_model
+
+        records_path = self.paths.root / "records.json"
+        if not records_path.is_file():
+            prepare_records(self.cfg, verbose=True).save(records_path)
+        lung_model = ensure_lung_model(self.cfg, log=log)
+        return records_path, lung_model
+
+    def train_stage(self, k: int, archs: list[str], records: Path, shards: dict[str, Path]) -> None:
+        from cycle.train import run_training
+
+        pending = [a for a in archs if not self.paths.done(self.paths.stage(k, a, "train"))]
+        if not pending:
+            return
+        how = "side by side" if self.cfg.resources.num_workers > 0 else "in this process, one after another"
+        log(f"[cycle {k}] training {', '.join(pending)} {how}")
+
+        def fit(arch: str) -> str:
+            stage = self.paths.stage(k, arch, "train")
+            previous = self.paths.stage(k - 1, arch, "train") / "best.pt" if k else None
+            cfg = arch_config(self.cfg, arch, k, previous)
+            run_training(cfg, records, stage, name=f"{self.run_name}-c{k}-{arch}", train_shards=shards.get(arch))
+            self.paths.mark_done(stage)
+            return arch
+
+        # In-process training (num_workers=0) shares this process's Ray Train context: one at a time.
+        side_by_side = len(pending) if self.cfg.resources.num_workers > 0 else 1
+        with ThreadPoolExecutor(max_workers=side_by_side) as pool:
+            for arch in pool.map(fit, pending):
+                log(f"[cycle {k}] {arch}: training done")
+
+    def shards_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> Path:
+        from cycle.explain import build_shards
+
+        stage = self.paths.stage(k, arch, "shards")
+        if not self.paths.done(stage):
+            previous = self.paths.stage(k - 1, arch, "train") / "best.pt"
+            cfg = arch_config(self.cfg, arch, k, previous)
+            build_shards(cfg, records_of(scan.records, "train"), previous, lung_model, stage / "data",
+                         num_actors=max(1, self.cfg.resources.local_num_cpus // 2), log=log)
+            self.paths.mark_done(stage)
+        return stage / "data"
+
+    def evaluate_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> dict:
+        from cycle.evaluate import evaluate_localization, panel_records
+
+        stage = self.paths.stage(k, arch, "evaluate")
+        if self.paths.done(stage):
+            return json.loads((stage / "metrics.json").read_text())
+        train_dir = self.paths.stage(k, arch, "train")
+        metrics = json.loads((train_dir / "metrics.json").read_text())["flat"]
+        test = records_of(scan.records, "test")
+        metrics.update(evaluate_localization(
+            train_dir / "best.pt", test, self.cfg.cam.method, lung_model,
+            panel=panel_records(test, self.cfg.seed), out_npz=stage / "panel.npz", seed=self.cfg.seed,
+        ))
+        atomic_write_json(stage / "metrics.json", metrics)
+        self.paths.mark_done(stage)
+        return metrics
+
+    # -- the whole job ---------------------------------------------------------------------------
+
+    def run(self) -> CycleState:
+        records_path, lung_model = self.prepare()
+        scan = ScanResult.load(records_path)
+        state = CycleState()
+        archs = list(self.cfg.cycles.archs)
+        for k in range(self.cfg.cycles.max + 1):
+            active = [a for a in archs if a not in state.stopped]
+            if not active:
+                break
+            started = time.perf_counter()
+            shards = {a: self.shards_stage(k, a, scan, lung_model) for a in active} if k else {}
+            self.train_stage(k, active, records_path, shards)
+            for arch in active:
+                metrics = self.evaluate_stage(k, arch, scan, lung_model)
+                state.results.setdefault(arch, []).append(metrics)
+                self.track(k, arch, metrics, shards.get(arch))
+                why = should_stop(state.results[arch], self.cfg.cycles.stop_epsilon, self.cfg.cycles.stop_delta)
+                if why and k < self.cfg.cycles.max:
+                    state.stopped[arch] = f"after cycle {k}: {why}"
+                    log(f"[cycle {k}] {arch} stops: {why}")
+            log(f"[cycle {k}] done in {time.perf_counter() - started:.0f}s")
+        atomic_write_json(self.paths.root / "results.json", {"results": state.results, "stopped": state.stopped})
+        return state
+
+    # -- tracking ----------------------------------------------------------------------------------
+
+    def track(self, k: int, arch: str, metrics: dict, shards: Path | None) -> None:
+        if self.tracker is None:
+            return
+        from cycle.tracking import Tracker
+
+        train_dir = self.paths.stage(k, arch, "train")
+        with Tracker(self.cfg, run_name=f"cycle{k}-{arch}", nested=True,
+                     tags={"cycle": str(k), "arch": arch, "job_run": self.run_name}) as child:
+            child.log_config(arch_config(self.cfg, arch, k, train_dir / "best.pt"))
+            for row in json.loads((train_dir / "history.json").read_text()):
+                child.log_metrics({key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"])
+            child.log_metrics(metrics)
+            for picture in self.pictures(k, arch):
+                child.log_artifact(picture, "pictures")
+            if shards is not None:
+                child.log_artifact(shards / "manifest.json", "shards")
+            child.log_artifact(train_dir / "metrics.json")
+            metrics["mlflow_run_id"] = child.run_id
+
+    def pictures(self, k: int, arch: str) -> list[Path]:
+        from cycle import plots
+
+        stage = self.paths.stage(k, arch, "evaluate")
+        panel = np.load(stage / "panel.npz")
+        pre_films = panel["films"] / 255.0
+        out = [plots.cam_grid(pre_films, panel["cams"], panel["probs"], panel["labels"], stage / "cam_grid.png",
+                              title=f"{arch}, cycle {k}: test films")]
+        metrics = json.loads((self.paths.stage(k, arch, "train") / "metrics.json").read_text())["splits"]
+        for split in ("test", "test_cf"):
+            if split in metrics:
+                out.append(plots.confusion_matrix_plot(metrics[split]["confusion_matrix"],
+                                                       stage / f"confusion_{split}.png", title=f"{arch} c{k} {split}"))
+        if k > 0:
+            before = np.load(self.paths.stage(0, arch, "evaluate") / "panel.npz")
+            n = 12
+            out.append(plots.before_after_grid(pre_films[:n], before["cams"][:n], panel["cams"][:n],
+                                               stage / "cam_before_after.png", panel["labels"][:n],
+                                               names=("cycle 0", f"cycle {k}"), lungs=panel["lungs"][:n]))
+            samples = self.paths.stage(k, arch, "shards") / "data" / "samples.png"
+            if samples.is_file():
+                out.append(samples)
+        return out
+
+
+def summary_table(results: dict[str, list[dict]]) -> str:
+    """Markdown: one row per (architecture, cycle), metrics with 95% intervals where measured."""
+    header = "| arch | cycle | " + " | ".join(label for _, label in REPORT_METRICS) + " |"
+    lines = [header, "|" + "---|" * (2 + len(REPORT_METRICS))]
+    for arch, cycles in results.items():
+        for k, m in enumerate(cycles):
+            cells = []
+            for key, _ in REPORT_METRICS:
+                value = m.get(key, np.nan)
+                low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+                cells.append(f"{value:.3f}" + (f" ({low:.3f}-{high:.3f})" if low is not None else ""))
+            lines.append(f"| {arch} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(runner: Runner, state: CycleState, tracking_note: str) -> Path:
+    from cycle import plots
+
+    root = runner.paths.root
+    metrics = [key for key, _ in REPORT_METRICS if any(key in m for c in state.results.values() for m in c)]
+    curves = plots.cycle_curves(state.results, metrics, root / "cycle_curves.png")
+    lines = [f"# Cycle report: {runner.run_name}", "",
+             "Classification on the original films (test: same shortcut as train; test_cf: shortcut "
+             "reversed); localisation of the CAM on test, mean (95% bootstrap interval).", "",
+             summary_table(state.results), "", f"![per-cycle metrics]({curves.name})", ""]
+    for arch, why in state.stopped.items():
+        lines.append(f"- {arch} stopped {why}")
+    for arch, cycles in state.results.items():
+        last = len(cycles) - 1
+        for name in ("cam_grid.png", "cam_before_after.png"):
+            picture = runner.paths.stage(last, arch, "evaluate") / name
+            if picture.is_file():
+                lines.append(f"![{arch} {name}]({picture.relative_to(root)})")
+    lines += ["", tracking_note, ""]
+    return atomic_write_text(root / "report.md", "\n".join(lines))

@@ -1,0 +1,132 @@
+"""The refinement cycle: baseline -> (shards -> fine-tune -> evaluate) x N, per architecture.
+
+    python jobs/cycle.py [--config FILE] [--set k=v ...] [--resume RUN | --run-name RUN]
+    ray job submit --working-dir . -- python jobs/cycle.py --config configs/smoke.yaml
+
+With no arguments: phantom chest X-rays (generated if missing), a lung U-Net (trained once if
+missing), baseline + 2 cycles for tinyvgg and resnet18 on a local Ray, tracked in the local
+MLflow store. Rerunning with the same run name (--resume RUN) skips finished stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import _common
+import numpy as np
+
+from cycle.config import Config
+
+
+def check_inputs(cfg: Config) -> None:
+    """Everything cheap, first: a mistake fails in seconds, not after an hour of training."""
+    from cycle.lungseg.train import LungModelMissing, ensure_lung_model
+
+    if cfg.data.root is not None and not Path(cfg.data.root).exists():
+        sys.exit(f"error: data.root={cfg.data.root} does not exist")
+    if cfg.data.root is not None or cfg.lungseg.weights:
+        try:
+            ensure_lung_model(cfg, log=lambda *_: None)  # with these set it only checks, never trains
+        except LungModelMissing as err:
+            sys.exit(f"error: {err}")
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        sys.exit(f"error: output_dir {out} is not writable: {err.strerror or err}")
+    storage = cfg.storage_path()
+    if "://" not in storage:
+        try:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            sys.exit(f"error: resources.storage_path {storage} is not writable: {err.strerror or err}")
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if cfg.tracking.enabled and uri and uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        except OSError as err:
+            sys.exit(f"error: MLflow tracking server {uri} is not reachable ({err}); start it or unset "
+                     "MLFLOW_TRACKING_URI / tracking.uri to use the local store")
+
+
+def register_best(cfg: Config, runner, state, tracker) -> str | None:
+    """The job's best model (highest val accuracy of any cycle; test never chooses) -> registry."""
+    if tracker.run is None:
+        return None
+    import mlflow
+
+    from cycle.checkpoint import load_classifier
+
+    best = max(((m["val_accuracy"], k, arch) for arch, cycles in state.results.items()
+                for k, m in enumerate(cycles)), default=None)
+    if best is None:
+        return None
+    _, k, arch = best
+    model, pre = load_classifier(runner.paths.stage(k, arch, "train") / "best.pt")
+    example = np.zeros((1, 1, pre.size, pre.size), np.float32)
+    info = tracker.log_model(model, example, name="model", registered_model_name=cfg.tracking.registered_model_name)
+    mlflow.set_tags({"best_arch": arch, "best_cycle": str(k)})
+    version = getattr(info, "registered_model_version", None)
+    if version is not None:
+        mlflow.MlflowClient().set_registered_model_alias(cfg.tracking.registered_model_name, "best", str(version))
+    return f"{cfg.tracking.registered_model_name} v{version} (alias 'best'): {arch}, cycle {k}"
+
+
+def main() -> None:
+    parser = _common.config_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", metavar="RUN", help="continue the run RUN (finished stages are skipped)")
+    group.add_argument("--run-name", metavar="RUN", help="name of a new run (default: cycle-<time>)")
+    args = parser.parse_args()
+    cfg = _common.config_from(args)
+    run_name = args.resume or args.run_name or cfg.run_name or time.strftime("cycle-%Y%m%d-%H%M%S")
+    if args.resume and not (Path(cfg.output_dir) / run_name).is_dir():
+        sys.exit(f"error: nothing to resume: {Path(cfg.output_dir) / run_name} does not exist")
+
+    from cycle.tracking import tracking_uri
+
+    print(f"run          {run_name} -> {Path(cfg.output_dir) / run_name}")
+    print(f"data         {cfg.data.root or f'phantoms in {cfg.phantom_dir()}'}")
+    print(f"archs        {', '.join(cfg.cycles.archs)}; baseline + {cfg.cycles.max} cycle(s) "
+          f"({cfg.enhance.mode}, strength {cfg.enhance.strength})")
+    print(f"resources    {cfg.resources.num_workers} Ray Train worker(s) per arch, "
+          f"ray: {cfg.resources.ray_address or os.environ.get('RAY_ADDRESS') or 'local'}")
+    print(f"tracking     {tracking_uri(cfg) or 'MLflow default (sqlite:///mlflow.db)'}"
+          f"{'' if cfg.tracking.enabled else ' (disabled)'}", flush=True)
+    check_inputs(cfg)
+
+    from cycle.runner import Runner, summary_table, write_report
+    from cycle.tracking import Tracker
+
+    started = time.perf_counter()
+    with Tracker(cfg, run_name=run_name, tags={"job": "cycle"}) as tracker:
+        tracker.log_config()
+        runner = Runner(cfg, run_name, tracker=tracker)
+        state = runner.run()
+        registered = register_best(cfg, runner, state, tracker)
+        note = f"MLflow run {tracker.run_id} at {tracking_uri(cfg) or 'sqlite:///mlflow.db'}" if tracker.run else "tracking disabled"
+        report = write_report(runner, state, note)
+        tracker.log_artifact(report)
+        tracker.log_artifact(runner.paths.root / "cycle_curves.png")
+        tracker.log_artifact(runner.paths.root / "config.yaml")
+        tracker.log_artifact(runner.paths.root / "records.json")
+    print("\n" + summary_table(state.results))
+    for arch, why in state.stopped.items():
+        print(f"{arch} stopped {why}")
+    if registered:
+        print(f"registered   {registered}")
+    print(f"report       {report}")
+    print(f"mlflow       {note}  (browse: mlflow ui --host 127.0.0.1)")
+    print(f"finished in {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
