@@ -134,14 +134,17 @@ class Runner:
                 log(f"[cycle {k}] {arch}: training done")
 
     def shards_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> Path:
-        from cycle.explain import build_shards
+        from cycle.explain import EnhanceWorker, build_shards, sample_picture, worker_settings
 
         stage = self.paths.stage(k, arch, "shards")
         if not self.paths.done(stage):
             previous = self.paths.stage(k - 1, arch, "train") / "best.pt"
             cfg = arch_config(self.cfg, arch, k, previous)
-            build_shards(cfg, records_of(scan.records, "train"), previous, lung_model, stage / "data",
+            train = records_of(scan.records, "train")
+            build_shards(cfg, train, previous, lung_model, stage / "data",
                          num_actors=max(1, self.cfg.resources.local_num_cpus // 2), log=log)
+            worker = EnhanceWorker(str(previous), str(lung_model), worker_settings(cfg))
+            sample_picture(cfg, train, worker, stage / "samples.png")
             self.paths.mark_done(stage)
         return stage / "data"
 
@@ -196,6 +199,9 @@ class Runner:
         from cycle.tracking import Tracker
 
         train_dir = self.paths.stage(k, arch, "train")
+        tracked = self.paths.stage(k, arch, "evaluate") / "mlflow_run.json"
+        if tracked.is_file() and json.loads(tracked.read_text()).get("parent") == self.tracker.run_id:
+            return  # logged before the interruption
         with Tracker(self.cfg, run_name=f"cycle{k}-{arch}", nested=True,
                      tags={"cycle": str(k), "arch": arch, "job_run": self.run_name}) as child:
             child.log_config(arch_config(self.cfg, arch, k, train_dir / "best.pt"))
@@ -207,7 +213,7 @@ class Runner:
             if shards is not None:
                 child.log_artifact(shards / "manifest.json", "shards")
             child.log_artifact(train_dir / "metrics.json")
-            metrics["mlflow_run_id"] = child.run_id
+            atomic_write_json(tracked, {"run_id": child.run_id, "parent": self.tracker.run_id})
 
     def pictures(self, k: int, arch: str) -> list[Path]:
         from cycle import plots
@@ -228,7 +234,7 @@ class Runner:
             out.append(plots.before_after_grid(pre_films[:n], before["cams"][:n], panel["cams"][:n],
                                                stage / "cam_before_after.png", panel["labels"][:n],
                                                names=("cycle 0", f"cycle {k}"), lungs=panel["lungs"][:n]))
-            samples = self.paths.stage(k, arch, "shards") / "data" / "samples.png"
+            samples = self.paths.stage(k, arch, "shards") / "samples.png"
             if samples.is_file():
                 out.append(samples)
         return out

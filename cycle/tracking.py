@@ -33,8 +33,11 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """A context manager around one MLflow run (nested under an active run when asked)."""
 
-    def __init__(self, cfg: Config, run_name: str, nested: bool = False, tags: Mapping[str, str] | None = None):
+    def __init__(self, cfg: Config, run_name: str, nested: bool = False, tags: Mapping[str, str] | None = None,
+                 run_id: str | None = None):
+        """`run_id`: reopen that run (a resumed job keeps its MLflow run)."""
         self.cfg = cfg
+        self.resume_id = run_id
         self.enabled = cfg.tracking.enabled
         self.run_name = run_name
         self.nested = nested
@@ -50,7 +53,10 @@ class Tracker:
         if uri:
             mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(self.cfg.tracking.experiment)
-        self.run = mlflow.start_run(run_name=self.run_name, nested=self.nested, tags=self.tags)
+        if self.resume_id is not None:
+            self.run = mlflow.start_run(run_id=self.resume_id, nested=self.nested)
+        else:
+            self.run = mlflow.start_run(run_name=self.run_name, nested=self.nested, tags=self.tags)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -11,6 +11,7 @@ MLflow store. Rerunning with the same run name (--resume RUN) skips finished sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import _common
 import numpy as np
 
 from cycle.config import Config
+from cycle.io import atomic_write_json
 
 
 def check_inputs(cfg: Config) -> None:
@@ -107,8 +109,15 @@ def main() -> None:
     from cycle.tracking import Tracker
 
     started = time.perf_counter()
-    with Tracker(cfg, run_name=run_name, tags={"job": "cycle"}) as tracker:
-        tracker.log_config()
+    parent_file = Path(cfg.output_dir) / run_name / "mlflow_run.json"
+    previous = json.loads(parent_file.read_text()) if parent_file.is_file() else {}
+    same_store = previous.get("uri") == tracking_uri(cfg)
+    with Tracker(cfg, run_name=run_name, tags={"job": "cycle"},
+                 run_id=previous.get("run_id") if same_store else None) as tracker:
+        if tracker.run is not None:
+            atomic_write_json(parent_file, {"run_id": tracker.run_id, "uri": tracking_uri(cfg)})
+        if not (previous and same_store):
+            tracker.log_config()
         runner = Runner(cfg, run_name, tracker=tracker)
         state = runner.run()
         registered = register_best(cfg, runner, state, tracker)
