@@ -20,6 +20,8 @@ from cycle.cam import compute_cam
 from cycle.data.records import CLASSES
 from cycle.data.transforms import IMAGE_EXTENSIONS, ImageLoadError, Preprocess, load_grayscale
 from cycle.io import atomic_write_bytes, atomic_write_text
+from cycle.localization import energy_share
+from cycle.lungs import predict as predict_lungs
 
 MAX_SIDE = 768  # overlays are for looking at, not for archiving
 
@@ -31,6 +33,7 @@ class Explained:
     probability: float  # P(predicted class)
     prob_pneumonia: float
     overlay: str
+    lung_energy_share: float | None = None  # with a lung model: CAM mass inside the lungs
 
 
 def list_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -98,8 +101,10 @@ def explain_files(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     progress=None,
+    lung_model: torch.nn.Module | None = None,
 ) -> tuple[list[Explained], list[tuple[str, str]]]:
-    """Write one overlay PNG per readable image and `predictions.csv`; return rows and skips."""
+    """Write one overlay PNG per readable image and `predictions.csv`; return rows and skips.
+    With `lung_model`, also each film's lung energy share (CAM and lungs on the whole film)."""
     out_dir = Path(out_dir)
     files, skipped = list_inputs(inputs)
     rows: list[Explained] = []
@@ -117,20 +122,29 @@ def explain_files(
         tensors = torch.stack([preprocess(f) for f in films]).to(device)
         cams, logits = compute_cam(model, tensors, method=method, return_logits=True)
         probs = logits.softmax(dim=1)[:, 1].cpu().numpy()
-        for film, path, cam, p in zip(films, paths, cams.cpu().numpy(), probs):
+        lungs = predict_lungs(lung_model, films) if lung_model is not None else [None] * len(films)
+        for film, path, cam, p, lung in zip(films, paths, cams.cpu().numpy(), probs, lungs):
             pred = int(p >= 0.5)
             confidence = float(p if pred else 1 - p)
             name = _unique_name(path, used_names)
             png = overlay_png(film, cam, preprocess, f"{CLASSES[pred]} {confidence:.2f}")
             overlay = atomic_write_bytes(out_dir / "overlays" / name, png)
-            rows.append(Explained(str(path), CLASSES[pred], confidence, float(p), str(overlay)))
+            share = None
+            if lung is not None:
+                value = float(energy_share(cam_on_film(cam, film.shape, preprocess), lung)[0])
+                share = None if np.isnan(value) else value  # no lungs found, or a flat map
+            rows.append(Explained(str(path), CLASSES[pred], confidence, float(p), str(overlay), share))
         if progress is not None:
             progress(len(rows), len(files))
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "predicted", "probability", "prob_pneumonia", "overlay"])
+    header = ["path", "predicted", "probability", "prob_pneumonia", "overlay"]
+    writer.writerow(header + (["lung_energy_share"] if lung_model is not None else []))
     for row in rows:
-        writer.writerow([row.path, row.predicted, f"{row.probability:.6f}", f"{row.prob_pneumonia:.6f}", row.overlay])
+        cells = [row.path, row.predicted, f"{row.probability:.6f}", f"{row.prob_pneumonia:.6f}", row.overlay]
+        if lung_model is not None:
+            cells.append("" if row.lung_energy_share is None else f"{row.lung_energy_share:.6f}")
+        writer.writerow(cells)
     atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
     if skipped:
         atomic_write_text(out_dir / "skipped.csv", "path,reason\n" + "".join(f'"{p}","{r}"\n' for p, r in skipped))

@@ -1,6 +1,7 @@
 """Explain your own chest X-rays with a trained classifier: an overlay PNG per image and a CSV.
 
     python jobs/explain.py --model outputs/RUN/best.pt IMAGE_OR_DIR... --out DIR [--method auto]
+                           [--lung-model outputs/lungseg/RUN/best.pt]
 
 Writes DIR/overlays/<name>.png (the film with its CAM; the part outside the model's crop dimmed),
 DIR/predictions.csv (path, predicted class, probability) and DIR/skipped.csv for files that could
@@ -16,6 +17,7 @@ import _common  # noqa: F401  (makes `cycle` importable)
 
 from cycle.checkpoint import load_classifier
 from cycle.explain_files import explain_files
+from cycle.lungs import load_lung_model
 
 
 def main() -> int:
@@ -23,12 +25,14 @@ def main() -> int:
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--model", required=True, help="a classifier checkpoint (best.pt or last.pt)")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--lung-model", help="lung U-Net (jobs/train_lungseg.py): adds each film's lung energy share")
     parser.add_argument("--method", default="auto", choices=["auto", "gradcam", "hirescam"])
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
     try:
         model, preprocess = load_classifier(args.model)
+        lung_model = load_lung_model(args.lung_model) if args.lung_model else None
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -37,10 +41,11 @@ def main() -> int:
         print(f"\r  explained {done}/{total}", end="", file=sys.stderr, flush=True)
 
     rows, skipped = explain_files(model, preprocess, args.inputs, args.out, args.method, args.batch_size,
-                                  progress=progress)
+                                  progress=progress, lung_model=lung_model)
     print(file=sys.stderr)
     for row in rows:
-        print(f"{row.predicted:9s} {row.probability:.3f}  {row.path}")
+        share = f"  lung share {row.lung_energy_share:.3f}" if row.lung_energy_share is not None else ""
+        print(f"{row.predicted:9s} {row.probability:.3f}{share}  {row.path}")
     for path, reason in skipped:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
     print(f"{len(rows)} explained, {len(skipped)} skipped -> {args.out}", file=sys.stderr)

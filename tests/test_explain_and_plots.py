@@ -43,9 +43,13 @@ def test_explain_job_on_a_mixed_folder_with_a_broken_file(tmp_path, checkpoint):
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff not really")
     (folder / ".hidden.png").write_bytes(b"")
     out = tmp_path / "out"
+    from cycle.models.unet import build_unet
+
+    torch.save({"model": build_unet().state_dict(), "meta": {"kind": "monai_unet", "image_size": 32,
+                "channels": [16, 32, 64, 128, 256], "num_res_units": 2}}, tmp_path / "unet.pt")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "explain.py"), "--model", str(checkpoint), str(folder),
-         str(tmp_path / "missing.png"), "--out", str(out)],
+         str(tmp_path / "missing.png"), "--out", str(out), "--lung-model", str(tmp_path / "unet.pt")],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -54,6 +58,7 @@ def test_explain_job_on_a_mixed_folder_with_a_broken_file(tmp_path, checkpoint):
     for row in rows:
         assert row["predicted"] in ("NORMAL", "PNEUMONIA")
         assert 0.5 <= float(row["probability"]) <= 1.0
+        assert row["lung_energy_share"] == "" or 0.0 <= float(row["lung_energy_share"]) <= 1.0
         overlay = cv2.imread(row["overlay"])
         source = Image.open(row["path"])
         assert overlay is not None and overlay.shape[1] / overlay.shape[0] == pytest.approx(
