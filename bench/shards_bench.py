@@ -35,7 +35,7 @@ from cycle.data.records import records_of, scan  # noqa: E402
 from cycle.data.transforms import load_grayscale  # noqa: E402
 from cycle.enhance import enhance_batch  # noqa: E402
 from cycle.explain import EnhanceWorker, build_shards, enhance_inprocess, worker_settings  # noqa: E402
-from cycle.lungs import predict  # noqa: E402
+from cycle.lungs import predict, save_lung_model  # noqa: E402
 from cycle.models import build_model  # noqa: E402
 from cycle.models.unet import build_unet  # noqa: E402
 
@@ -128,8 +128,7 @@ def main() -> None:
                                  "enhance.mode=context_swap", "enhance.strength=1.0"])
         torch.manual_seed(0)
         clf = save_classifier(tmp / "clf.pt", build_model(args.arch, image_size=args.size), cfg)
-        torch.save({"model": build_unet().state_dict(), "meta": {"kind": "monai_unet", "image_size": 128,
-                    "channels": [16, 32, 64, 128, 256], "num_res_units": 2}}, tmp / "unet.pt")
+        save_lung_model(tmp / "unet.pt", build_unet(), image_size=128)
         worker = EnhanceWorker(str(clf), str(tmp / "unet.pt"), worker_settings(cfg))
         n = len(records)
         print(f"machine: {os.cpu_count()} cores; {n:,} phantom films, {args.arch} at {args.size} px, "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cycle.models.unet import build_unet, size_multiple
+from cycle.models.unet import DEFAULT_CHANNELS, build_unet, size_multiple
 
 MEAN, STD = 0.449, 0.226
 
@@ -75,6 +75,17 @@ def predict(
     finally:
         model.train(was_training)
     return masks
+
+
+def lung_model_meta(image_size: int, channels=DEFAULT_CHANNELS, num_res_units: int = 2) -> dict:
+    return {"kind": "monai_unet", "image_size": image_size, "channels": list(channels), "num_res_units": num_res_units}
+
+
+def save_lung_model(path: str | Path, model: nn.Module, image_size: int, **extra) -> Path:
+    """Weights + what `load_lung_model` needs to rebuild the network, written atomically."""
+    from cycle.io import atomic_torch_save
+
+    return atomic_torch_save(path, {"model": model.state_dict(), "meta": lung_model_meta(image_size), **extra})
 
 
 def load_lung_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -13,6 +13,7 @@ from cycle import plots
 from cycle.checkpoint import load_classifier, save_classifier
 from cycle.config import load_config
 from cycle.explain_files import cam_on_film
+from cycle.lungs import save_lung_model
 from cycle.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +46,7 @@ def test_explain_job_on_a_mixed_folder_with_a_broken_file(tmp_path, checkpoint):
     out = tmp_path / "out"
     from cycle.models.unet import build_unet
 
-    torch.save({"model": build_unet().state_dict(), "meta": {"kind": "monai_unet", "image_size": 32,
-                "channels": [16, 32, 64, 128, 256], "num_res_units": 2}}, tmp_path / "unet.pt")
+    save_lung_model(tmp_path / "unet.pt", build_unet(), image_size=32)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "explain.py"), "--model", str(checkpoint), str(folder),
          str(tmp_path / "missing.png"), "--out", str(out), "--lung-model", str(tmp_path / "unet.pt")],

@@ -10,6 +10,7 @@ from cycle.config import load_config
 from cycle.data.records import records_of, scan
 from cycle.data.shards import ShardError, load_shards, read_manifest, read_shards_ray
 from cycle.explain import EnhanceWorker, build_shards, enhance_inprocess, worker_settings
+from cycle.lungs import save_lung_model
 from cycle.models import build_model
 from cycle.models.unet import build_unet
 
@@ -27,8 +28,7 @@ def setup(tmp_path_factory, phantom_root):
     torch.manual_seed(0)
     classifier = save_classifier(tmp / "clf.pt", build_model("tinyvgg", image_size=48), cfg)
     unet = build_unet()
-    torch.save({"model": unet.state_dict(), "meta": {"kind": "monai_unet", "image_size": 32,
-                "channels": [16, 32, 64, 128, 256], "num_res_units": 2}}, tmp / "unet.pt")
+    save_lung_model(tmp / "unet.pt", unet, image_size=32)
     records = records_of(scan(tree).records + [], "train")
     # scan() skipped the broken file; the shard build must meet it too, so add it back as a record
     from cycle.data.records import Record

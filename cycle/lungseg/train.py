@@ -22,7 +22,16 @@ from cycle.data.records import Skipped
 from cycle.data.transforms import Augment, ImageLoadError
 from cycle.io import atomic_torch_save, atomic_write_json
 from cycle.localization import bootstrap_ci
-from cycle.lungs import MEAN, STD, check_size, dice_iou, load_lung_model, predict
+from cycle.lungs import (
+    MEAN,
+    STD,
+    check_size,
+    dice_iou,
+    load_lung_model,
+    lung_model_meta,
+    predict,
+    save_lung_model,
+)
 from cycle.lungseg.data import Pair, find_pairs, load_pair
 from cycle.models.unet import DEFAULT_CHANNELS, build_unet
 
@@ -62,11 +71,6 @@ AUGMENT = Augment(rotation_deg=8.0, translate=0.06, scale=0.1, brightness=0.08, 
 
 def _tensor(films: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(films).float().div_(255.0).sub_(MEAN).div_(STD).unsqueeze(1)
-
-
-def _meta(cfg: Config) -> dict:
-    return {"kind": "monai_unet", "image_size": cfg.lungseg.image_size, "channels": list(DEFAULT_CHANNELS),
-            "num_res_units": 2}
 
 
 @torch.no_grad()
@@ -136,9 +140,9 @@ def train_lungseg(cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, track
                "seconds": time.perf_counter() - started}
         state["history"].append(row)
         if improved:
-            atomic_torch_save(out_dir / BEST, {"model": model.state_dict(), "meta": _meta(cfg), "epoch": epoch + 1})
+            save_lung_model(out_dir / BEST, model, size, epoch=epoch + 1)
         atomic_torch_save(out_dir / LAST, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "scheduler": scheduler.state_dict(), "state": state, "meta": _meta(cfg)})
+                                           "scheduler": scheduler.state_dict(), "state": state, "meta": lung_model_meta(size)})
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         log(f"[lungseg] epoch {epoch + 1}/{lcfg.epochs}  loss {row['train_loss']:.4f}  val_dice {dice:.4f}  "
