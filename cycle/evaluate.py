@@ -59,10 +59,11 @@ def evaluate_localization(
             per_image.setdefault(name, []).append(values)
     summary = flat_summary({k: np.concatenate(v) for k, v in per_image.items()}, seed=seed)
     if panel and out_npz is not None:
-        films = np.stack([pre.crop(pre.resize(load_grayscale(r.path))) for r in panel])
+        resized = [pre.resize(load_grayscale(r.path)) for r in panel]
+        films = np.stack([pre.crop(f) for f in resized])
         x = torch.stack([pre.normalise(f) for f in films])
         cams, logits = compute_cam(model, x, method=cam_method, return_logits=True)
-        lungs = _masks(panel, [pre.resize(load_grayscale(r.path)) for r in panel], pre, unet)["lungs"]
+        lungs = _masks(panel, resized, pre, unet)["lungs"]
         arrays = {"films": films, "cams": cams.numpy(), "probs": logits.softmax(1)[:, 1].numpy(),
                   "labels": np.array([r.label for r in panel]), "lungs": lungs}
         atomic_write(out_npz, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
