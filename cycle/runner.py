@@ -123,7 +123,8 @@ class Runner:
             stage = self.paths.stage(k, arch, "train")
             previous = self.paths.stage(k - 1, arch, "train") / "best.pt" if k else None
             cfg = arch_config(self.cfg, arch, k, previous)
-            run_training(cfg, records, stage, name=f"{self.run_name}-c{k}-{arch}", train_shards=shards.get(arch))
+            run_training(cfg, records, stage, name=f"{self.run_name}-c{k}-{arch}", train_shards=shards.get(arch),
+                         threads=max(1, int(self.cfg.resources.cpus_per_worker)))
             self.paths.mark_done(stage)
             return arch
 

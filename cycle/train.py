@@ -340,9 +340,11 @@ def resolve_use_gpu(cfg: Config) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, train_shards: Path | None = None) -> dict:
+def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, train_shards: Path | None = None,
+                 threads: int | None = None) -> dict:
     """Fit one architecture with Ray Train (num_workers=0: in this process). Returns metrics.json.
-    Safe to call from several threads at once: each call is its own TorchTrainer."""
+    Safe to call from several threads at once: each call is its own TorchTrainer. `threads` caps
+    each worker's torch threads (trainers sharing a machine); None leaves torch's default."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -360,7 +362,7 @@ def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, trai
             "run_dir": str(run_dir.resolve()),
             "ray_checkpoints": workers > 0,
             "train_shards": str(train_shards) if train_shards else None,
-            "threads": max(1, int(cfg.resources.cpus_per_worker)),
+            "threads": threads,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources if workers else None
