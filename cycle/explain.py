@@ -27,15 +27,20 @@ import torch
 from cycle.config import Config, config_hash
 from cycle.data.records import Record
 from cycle.data.shards import MANIFEST, OK, file_sha256, publish, read_manifest, write_manifest
-from cycle.data.transforms import ImageLoadError, Preprocess, decode_grayscale
+from cycle.data.transforms import (
+    ImageLoadError,
+    Preprocess,
+    decode_grayscale,
+    preprocess_from_config,
+)
 from cycle.enhance import derangement, enhance_batch
 
 
-def decode_batch(batch: dict, lookup: dict, preprocess: dict, max_pixels: int, with_context: bool = False) -> dict:
+def decode_batch(batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: int, with_context: bool = False) -> dict:
     """bytes + path -> films resized to R x R (uint8) with label, split, patient, status, reason;
     `with_context`: also each film's context donor (read here: the donor is fixed per film by the
     seed, not by which batch Ray Data happens to form, so a build is reproducible)."""
-    pre = Preprocess(**preprocess)
+    pre = preprocess
     r = pre.resize_to
     paths = [os.path.abspath(str(p)) for p in batch["path"]]
     meta = [lookup[p] for p in paths]
@@ -136,6 +141,12 @@ class EnhanceWorker:
                 "status": status, "reason": reason}
 
 
+def decode_arguments(cfg: Config, lookup: dict) -> dict:
+    """decode_batch's arguments, the same for Ray Data and the in-process path."""
+    return {"lookup": lookup, "preprocess": preprocess_from_config(cfg.data),
+            "max_pixels": cfg.data.max_image_pixels, "with_context": cfg.enhance.mode == "context_swap"}
+
+
 def worker_settings(cfg: Config) -> dict:
     e = cfg.enhance
     return {"cam_method": cfg.cam.method, "mode": e.mode, "strength": e.strength,
@@ -197,13 +208,11 @@ def build_shards(
 
     paths, lookup = _inputs(records, cfg.seed)
     batch_size = batch_size or cfg.cam.batch_size
-    pre = {"size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": cfg.data.mean, "std": cfg.data.std}
     log(f"[shards] {len(paths):,} films -> {out_dir} ({cfg.enhance.mode}, strength {cfg.enhance.strength}, "
         f"{num_actors} actor(s))")
     ds = ray.data.read_binary_files(paths, include_paths=True)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
-                        fn_kwargs={"lookup": lookup, "preprocess": pre, "max_pixels": cfg.data.max_image_pixels,
-                                   "with_context": cfg.enhance.mode == "context_swap"})
+                        fn_kwargs=decode_arguments(cfg, lookup))
     ds = ds.map_batches(
         EnhanceWorker,
         batch_size=batch_size,
@@ -230,13 +239,12 @@ def build_shards(
 def enhance_inprocess(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32) -> list[dict]:
     """The same pipeline batched in this process (no Ray): a list of output batches."""
     paths, lookup = _inputs(records, cfg.seed)
-    pre = {"size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": cfg.data.mean, "std": cfg.data.std}
+    arguments = decode_arguments(cfg, lookup)
     outputs = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         raw = {"bytes": [Path(p).read_bytes() for p in chunk], "path": chunk}
-        outputs.append(worker(decode_batch(raw, lookup, pre, cfg.data.max_image_pixels,
-                                           with_context=cfg.enhance.mode == "context_swap")))
+        outputs.append(worker(decode_batch(raw, **arguments)))
     return outputs
 
 
