@@ -39,9 +39,11 @@ def evaluate_localization(
     out_npz: str | Path | None = None,
     batch_size: int = 32,
     seed: int = 0,
+    per_image_npz: str | Path | None = None,
 ) -> dict[str, float]:
     """Mean and CI of each localisation metric over `records`; the panel's films, CAMs and
-    predictions go to `out_npz` (for CAM grids and before/after pictures)."""
+    predictions go to `out_npz` (for CAM grids and before/after pictures), each film's values in
+    record order to `per_image_npz` (for paired comparisons across cycles and seeds)."""
     model, pre = load_classifier(classifier_path)
     unet = None
     if lung_model_path is not None:
@@ -57,7 +59,11 @@ def evaluate_localization(
         masks = _masks(chunk, films, pre, unet)
         for name, values in localization_metrics(cams, **masks).items():
             per_image.setdefault(name, []).append(values)
-    summary = flat_summary({k: np.concatenate(v) for k, v in per_image.items()}, seed=seed)
+    values = {k: np.concatenate(v) for k, v in per_image.items()}
+    summary = flat_summary(values, seed=seed)
+    if per_image_npz is not None:
+        arrays = {**values, "paths": np.array([str(r.path) for r in records])}
+        atomic_write(per_image_npz, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
     if panel and out_npz is not None:
         resized = [pre.resize(load_grayscale(r.path)) for r in panel]
         films = np.stack([pre.crop(f) for f in resized])

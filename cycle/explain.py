@@ -156,13 +156,18 @@ def worker_settings(cfg: Config) -> dict:
 
 def _inputs(records: Sequence[Record], seed: int) -> tuple[list[str], dict]:
     """Absolute paths in a seeded random order, and path -> (label, split, patient, donor): each
-    film's context donor is another training film drawn at random across labels."""
+    film's context donor is another film of the same split drawn at random across labels (a val
+    film never borrows a training film's context)."""
     meta = {os.path.abspath(r.path): (r.label, r.split, r.patient) for r in records}
     paths = sorted(meta)
     rng = np.random.default_rng([seed, 101])
     paths = [paths[i] for i in rng.permutation(len(paths))]
-    donors = derangement(len(paths), rng) if len(paths) > 1 else np.zeros(len(paths), int)
-    lookup = {p: (*meta[p], paths[d] if len(paths) > 1 else "") for p, d in zip(paths, donors)}
+    lookup = {}
+    for split in sorted({m[1] for m in meta.values()}):
+        members = [p for p in paths if meta[p][1] == split]
+        donors = derangement(len(members), rng)
+        for p, d in zip(members, donors):
+            lookup[p] = (*meta[p], members[d] if len(members) > 1 else "")
     return paths, lookup
 
 
@@ -171,7 +176,8 @@ def build_key(cfg: Config, records: Sequence[Record], classifier_path, lung_mode
         "config": config_hash(cfg, "data", "cam", "enhance", "seed"),
         "classifier": file_sha256(classifier_path),
         "lung_model": file_sha256(lung_model_path),
-        "inputs": hashlib.sha256("\n".join(sorted(r.path for r in records)).encode()).hexdigest(),
+        "inputs": hashlib.sha256("\n".join(sorted(f"{r.split}:{r.path}" for r in records)).encode()).hexdigest(),
+        "donors": "within-split",
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -187,10 +193,11 @@ def build_shards(
     gpus_per_actor: float = 0.0,
     threads_per_actor: int | None = None,
     log=print,
+    inprocess: bool = False,
 ) -> dict:
-    """Build (or reuse) the enhanced shards of `records` in `out_dir`; returns the manifest."""
-    import ray.data
-
+    """Build (or reuse) the enhanced shards of `records` in `out_dir`; returns the manifest.
+    `inprocess`: the same rows written by this process, without Ray Data (inside a Tune trial,
+    where Data tasks would wait for CPUs the trials hold)."""
     out_dir = Path(out_dir)
     key = build_key(cfg, records, classifier_path, lung_model_path)
     if (out_dir / MANIFEST).is_file():
@@ -208,8 +215,29 @@ def build_shards(
 
     paths, lookup = _inputs(records, cfg.seed)
     batch_size = batch_size or cfg.cam.batch_size
-    log(f"[shards] {len(paths):,} films -> {out_dir} ({cfg.enhance.mode}, strength {cfg.enhance.strength}, "
-        f"{num_actors} actor(s))")
+    how = "in this process" if inprocess else f"{num_actors} actor(s)"
+    log(f"[shards] {len(paths):,} films -> {out_dir} ({cfg.enhance.mode}, strength {cfg.enhance.strength}, {how})")
+    if inprocess:
+        _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp, batch_size, threads_per_actor)
+    else:
+        _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp, batch_size, num_actors,
+                             gpus_per_actor, threads_per_actor)
+    manifest = write_manifest(tmp, key, len(paths), extra={
+        "mode": cfg.enhance.mode, "strength": cfg.enhance.strength, "trust_threshold": cfg.enhance.trust_threshold,
+        "fallback": cfg.enhance.fallback, "classifier": str(classifier_path), "lung_model": str(lung_model_path),
+        "image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction,
+    })
+    publish(tmp, out_dir)
+    c = manifest["counts"]
+    log(f"[shards] wrote {c['written']:,} of {c['in']:,} films ({c['skipped']:,} skipped, "
+        f"{c['untrusted_written']:,} with an untrusted CAM) in {len(manifest['shards'])} shard(s)")
+    return manifest
+
+
+def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp: Path, batch_size: int,
+                         num_actors: int, gpus_per_actor: float, threads_per_actor: int | None) -> None:
+    import ray.data
+
     ds = ray.data.read_binary_files(paths, include_paths=True)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs=decode_arguments(cfg, lookup))
@@ -224,28 +252,32 @@ def build_shards(
                                "settings": worker_settings(cfg), "threads": threads_per_actor},
     )
     ds.write_parquet(str(tmp))
-    manifest = write_manifest(tmp, key, len(paths), extra={
-        "mode": cfg.enhance.mode, "strength": cfg.enhance.strength, "trust_threshold": cfg.enhance.trust_threshold,
-        "fallback": cfg.enhance.fallback, "classifier": str(classifier_path), "lung_model": str(lung_model_path),
-        "image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction,
-    })
-    publish(tmp, out_dir)
-    c = manifest["counts"]
-    log(f"[shards] wrote {c['written']:,} of {c['in']:,} films ({c['skipped']:,} skipped, "
-        f"{c['untrusted_written']:,} with an untrusted CAM) in {len(manifest['shards'])} shard(s)")
-    return manifest
 
 
-def enhance_inprocess(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32) -> list[dict]:
-    """The same pipeline batched in this process (no Ray): a list of output batches."""
+def _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp: Path, batch_size: int,
+                     threads: int | None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    worker = EnhanceWorker(str(classifier_path), str(lung_model_path), worker_settings(cfg), threads=threads)
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i, batch in enumerate(iter_enhanced(cfg, records, worker, batch_size)):
+        table = pa.table({k: list(v) if np.asarray(v).dtype == object else v for k, v in batch.items()})
+        pq.write_table(table, tmp / f"part-{i:05d}.parquet")
+
+
+def iter_enhanced(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32):
+    """The same pipeline batched in this process (no Ray): output batches, one at a time."""
     paths, lookup = _inputs(records, cfg.seed)
     arguments = decode_arguments(cfg, lookup)
-    outputs = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         raw = {"bytes": [Path(p).read_bytes() for p in chunk], "path": chunk}
-        outputs.append(worker(decode_batch(raw, **arguments)))
-    return outputs
+        yield worker(decode_batch(raw, **arguments))
+
+
+def enhance_inprocess(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32) -> list[dict]:
+    return list(iter_enhanced(cfg, records, worker, batch_size))
 
 
 def sample_picture(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, path: str | Path, n: int = 49) -> Path:

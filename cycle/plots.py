@@ -199,3 +199,32 @@ def enhanced_grid(originals, cams, enhanced, path: str | Path, cols: int = 7, al
     from cycle.io import atomic_write_bytes
 
     return atomic_write_bytes(path, png.tobytes())
+
+
+def sweep_scatter(rows: Sequence[Mapping], keys: Sequence[str], objective: str, path: str | Path) -> Path:
+    """One panel per swept setting: each trial's value against its objective (categories spread
+    on the x axis); trials stopped early by ASHA hollow."""
+    n = max(1, len(keys))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [row["values"][key] for row in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = np.array(values, dtype=float)
+        else:
+            labels = sorted({str(v) for v in values})
+            xs = np.array([labels.index(str(v)) for v in values], dtype=float)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ys = np.array([row["objective"] for row in rows], dtype=float)
+        done = np.array([row["status"] == "finished" for row in rows])
+        ax.scatter(xs[done], ys[done], c="tab:blue", label="finished")
+        ax.scatter(xs[~done], ys[~done], facecolors="none", edgecolors="tab:red", label="stopped early")
+        if numeric and len(xs) and xs.min() > 0 and xs.max() / xs.min() > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(objective)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("sweep: settings vs objective (val)")
+    fig.tight_layout()
+    return _save(fig, path)

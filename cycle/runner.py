@@ -73,29 +73,37 @@ def arch_config(cfg: Config, arch: str, k: int, previous: Path | None) -> Config
 
 
 def should_stop(history: list[dict], epsilon: float, delta: float) -> str | None:
-    """The stop rule: lung energy share gained less than epsilon, or val accuracy fell > delta."""
+    """The stop rule, on val (never test): the lung energy share gained less than epsilon, or
+    accuracy fell more than delta."""
     if len(history) < 2:
         return None
     prev, last = history[-2], history[-1]
     if last["val_accuracy"] < prev["val_accuracy"] - delta:
         return f"val accuracy fell {prev['val_accuracy'] - last['val_accuracy']:.3f} > {delta}"
-    gain = last.get("lung_energy_share", np.nan) - prev.get("lung_energy_share", np.nan)
+    gain = last.get("val_lung_energy_share", np.nan) - prev.get("val_lung_energy_share", np.nan)
     if not np.isnan(gain) and gain < epsilon:
         return f"lung energy share gained {gain:+.3f} < {epsilon}"
     return None
 
 
 class Runner:
-    def __init__(self, cfg: Config, run_name: str, tracker=None):
+    """`on_cycle(k, arch, metrics)` is called after each evaluated cycle (a Tune trial reports
+    there); `inprocess_shards` builds shards in this process instead of with Ray Data (inside a
+    Tune trial, where Data tasks would wait for CPUs the trials hold)."""
+
+    def __init__(self, cfg: Config, run_name: str, tracker=None, on_cycle=None, inprocess_shards: bool = False):
         from cycle.ray_session import init_ray
 
         self.cfg = cfg
         self.paths = RunPaths(Path(cfg.output_dir) / run_name)
         self.run_name = run_name
         self.tracker = tracker
+        self.on_cycle = on_cycle
+        self.inprocess_shards = inprocess_shards
         self.paths.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.paths.root / "config.yaml", dump_yaml(cfg))
-        init_ray(cfg)
+        if cfg.resources.num_workers > 0 or not inprocess_shards:
+            init_ray(cfg)  # else nothing here needs Ray: a single GPU box without it runs the cycle too
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -128,7 +136,7 @@ class Runner:
             self.paths.mark_done(stage)
             return arch
 
-        # In-process training (num_workers=0) shares this process's Ray Train context: one at a time.
+        # In-process training (num_workers=0) runs one at a time: torch's global seed and threads are shared.
         side_by_side = len(pending) if self.cfg.resources.num_workers > 0 else 1
         with ThreadPoolExecutor(max_workers=side_by_side) as pool:
             for arch in pool.map(fit, pending):
@@ -142,8 +150,10 @@ class Runner:
             previous = self.paths.stage(k - 1, arch, "train") / "best.pt"
             cfg = arch_config(self.cfg, arch, k, previous)
             train = records_of(scan.records, "train")
-            build_shards(cfg, train, previous, lung_model, stage / "data",
-                         num_actors=max(1, self.cfg.resources.local_num_cpus // 2), log=log)
+            # val too: the fine-tune is selected on val films enhanced the same way (see train_func)
+            build_shards(cfg, train + records_of(scan.records, "val"), previous, lung_model, stage / "data",
+                         num_actors=max(1, self.cfg.resources.local_num_cpus // 2), log=log,
+                         inprocess=self.inprocess_shards)
             worker = EnhanceWorker(str(previous), str(lung_model), worker_settings(cfg))
             sample_picture(cfg, train, worker, stage / "samples.png")
             self.paths.mark_done(stage)
@@ -161,7 +171,12 @@ class Runner:
         metrics.update(evaluate_localization(
             train_dir / "best.pt", test, self.cfg.cam.method, lung_model,
             panel=panel_records(test, self.cfg.seed), out_npz=stage / "panel.npz", seed=self.cfg.seed,
+            per_image_npz=stage / "per_image.npz",
         ))
+        # The same on val: what the stop rule and sweeps decide on (test only reports).
+        val = evaluate_localization(train_dir / "best.pt", records_of(scan.records, "val"), self.cfg.cam.method,
+                                    lung_model, seed=self.cfg.seed)
+        metrics.update({f"val_{key}": value for key, value in val.items() if "_ci_" not in key})
         atomic_write_json(stage / "metrics.json", metrics)
         self.paths.mark_done(stage)
         return metrics
@@ -184,6 +199,8 @@ class Runner:
                 metrics = self.evaluate_stage(k, arch, scan, lung_model)
                 state.results.setdefault(arch, []).append(metrics)
                 self.track(k, arch, metrics, shards.get(arch))
+                if self.on_cycle is not None:
+                    self.on_cycle(k, arch, metrics)
                 why = should_stop(state.results[arch], self.cfg.cycles.stop_epsilon, self.cfg.cycles.stop_delta)
                 if why and k < self.cfg.cycles.max:
                     state.stopped[arch] = f"after cycle {k}: {why}"

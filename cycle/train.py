@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,16 +49,20 @@ class Session:
     ray_checkpoints: bool
 
     @classmethod
-    def detect(cls, ray_checkpoints: bool) -> Session:
-        try:
-            import ray.train
-            import ray.train.torch
+    def detect(cls, ray_checkpoints: bool, in_process: bool = False) -> Session:
+        if not in_process:
+            try:
+                import ray.train
+                import ray.train.torch
 
-            ctx = ray.train.get_context()
-            return cls(True, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray_checkpoints)
-        except (ImportError, RuntimeError):  # not inside trainer.fit()
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            return cls(False, 0, 1, device, False)
+                ctx = ray.train.get_context()
+                return cls(True, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                           ray_checkpoints)
+            # Not inside trainer.fit() (RuntimeError), or inside a Tune trial (DeprecationWarning).
+            except (ImportError, RuntimeError, DeprecationWarning):
+                pass
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(False, 0, 1, device, False)
 
     @property
     def is_main(self) -> bool:
@@ -90,6 +95,24 @@ class Session:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces
+
+
+def quiet_ray_train_logs() -> None:
+    """Our epoch line says it better than Train's per-report INFO lines (one of which logs under
+    its file path, not under 'ray.train')."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def say(message: str) -> None:
+    """Progress to stdout, once: Ray Train V2 patches `print` into a logger that, beside Ray's own
+    stdout capture, shows every line twice in the driver's log."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def make_model(cfg: Config) -> Classifier:
@@ -199,8 +222,8 @@ def train_func(loop_config: dict) -> None:
     original films. Writes run_dir/{last.pt, best.pt, history.json, metrics.json}."""
     cfg = Config.model_validate(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our epoch line says it better
-    session = Session.detect(bool(loop_config.get("ray_checkpoints", False)))
+    quiet_ray_train_logs()
+    session = Session.detect(bool(loop_config.get("ray_checkpoints", False)), bool(loop_config.get("in_process")))
     if session.in_ray and loop_config.get("threads"):
         torch.set_num_threads(int(loop_config["threads"]))  # workers side by side share the cores
     scan = ScanResult.load(loop_config["records"])
@@ -223,7 +246,14 @@ def train_func(loop_config: dict) -> None:
         from cycle.data.shards import load_shards
 
         shard_records, films, _ = load_shards(loop_config["train_shards"])
-        datasets["train"] = ImageDataset(shard_records, preprocess, augment, seed=cfg.seed, resized=films)
+        by_split = {s: [i for i, r in enumerate(shard_records) if r.split == s] for s in ("train", "val")}
+        datasets["train"] = ImageDataset([shard_records[i] for i in by_split["train"]], preprocess, augment,
+                                         seed=cfg.seed, resized=[films[i] for i in by_split["train"]])
+        if by_split["val"]:
+            # Select on val films enhanced the same way: the original val films carry the train
+            # shortcut, so choosing by their loss would reward keeping it.
+            datasets["select"] = ImageDataset([shard_records[i] for i in by_split["val"]], preprocess, None,
+                                              seed=cfg.seed, resized=[films[i] for i in by_split["val"]])
     datasets = {k: v for k, v in datasets.items() if len(v)}
     if "train" not in datasets or "val" not in datasets:
         raise RuntimeError("training needs non-empty train and val splits")
@@ -243,7 +273,7 @@ def train_func(loop_config: dict) -> None:
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         if session.is_main:
-            print(f"[{cfg.model.arch}] resuming after epoch {state['epoch']} from {resume_from}", flush=True)
+            say(f"[{cfg.model.arch}] resuming after epoch {state['epoch']} from {resume_from}")
 
     net = model
     if session.in_ray and session.world_size > 1:
@@ -264,16 +294,19 @@ def train_func(loop_config: dict) -> None:
         train_loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(net, train_loader, optimizer, criterion, cfg, session)
         val = evaluate(model, datasets["val"], cfg, session.device)
+        select = evaluate(model, datasets["select"], cfg, session.device) if "select" in datasets else val
         scheduler.step()
 
-        improved = val["loss"] < state["best_val_loss"]
-        state["best_val_loss"] = min(state["best_val_loss"], val["loss"])
+        improved = select["loss"] < state["best_val_loss"]
+        state["best_val_loss"] = min(state["best_val_loss"], select["loss"])
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch + 1
         stop_early = state["bad_epochs"] >= cfg.train.early_stopping_patience
         state["finished"] = state["epoch"] >= cfg.train.epochs or stop_early
         row = {"epoch": epoch + 1, **stats, **prefixed(val, "val"), "lr": optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - started}
+        if select is not val:
+            row.update(prefixed(select, "select"))
         state["history"].append(row)
 
         ray_dir = None
@@ -294,11 +327,11 @@ def train_func(loop_config: dict) -> None:
             atomic_write_json(run_dir / "history.json", state["history"])
             note = " (best)" if improved else ""
             note += " - early stop" if stop_early and state["epoch"] < cfg.train.epochs else ""
-            print(
+            say(
                 f"[{cfg.model.arch}] epoch {epoch + 1}/{cfg.train.epochs}  train_loss {stats['train_loss']:.4f}  "
                 f"train_acc {stats['train_accuracy']:.3f}  val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.3f}  "
-                f"{row['seconds']:.1f}s{note}",
-                flush=True,
+                + (f"select_loss {select['loss']:.4f}  select_acc {select['accuracy']:.3f}  " if select is not val else "")
+                + f"{row['seconds']:.1f}s{note}"
             )
         session.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, ray_dir)
 
@@ -324,7 +357,8 @@ def final_evaluation(model: Classifier, datasets: dict, cfg: Config, device: tor
         ]
         atomic_write_text(run_dir / f"predictions_{split}.csv", "\n".join(lines) + "\n")
     atomic_write_json(run_dir / "metrics.json", {"flat": flat, "splits": results})
-    print(f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest val loss)\n" + format_table(results), flush=True)
+    chosen_on = "enhanced val" if "select" in datasets else "val"
+    say(f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest {chosen_on} loss)\n" + format_table(results))
     return flat
 
 
@@ -345,27 +379,33 @@ def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, trai
     """Fit one architecture with Ray Train (num_workers=0: in this process). Returns metrics.json.
     Safe to call from several threads at once: each call is its own TorchTrainer. `threads` caps
     each worker's torch threads (trainers sharing a machine); None leaves torch's default."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    workers = cfg.resources.num_workers
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "records": str(records_path),
+        "run_dir": str(run_dir.resolve()),
+        "ray_checkpoints": workers > 0,
+        "train_shards": str(train_shards) if train_shards else None,
+        "threads": threads,
+    }
+    if workers == 0:
+        # In this process, on whatever device it has: the same loop without a Train controller
+        # (inside a Tune trial, which already holds its CPU or GPU).
+        train_func({**loop_config, "in_process": True})
+        return json.loads((run_dir / "metrics.json").read_text())["flat"]
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    workers = cfg.resources.num_workers
-    use_gpu = resolve_use_gpu(cfg) and workers > 0
+    use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "records": str(records_path),
-            "run_dir": str(run_dir.resolve()),
-            "ray_checkpoints": workers > 0,
-            "train_shards": str(train_shards) if train_shards else None,
-            "threads": threads,
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources if workers else None
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -60,15 +60,16 @@ def check_inputs(cfg: Config) -> None:
 
 
 def register_best(cfg: Config, runner, state, tracker) -> str | None:
-    """The job's best model (highest val accuracy of any cycle; test never chooses) -> registry."""
+    """The job's product -> registry: each architecture's last cycle (what the refinement made),
+    and of those the one with the highest val accuracy (test never chooses)."""
     if tracker.run is None:
         return None
     import mlflow
 
     from cycle.checkpoint import load_classifier
 
-    best = max(((m["val_accuracy"], k, arch) for arch, cycles in state.results.items()
-                for k, m in enumerate(cycles)), default=None)
+    best = max(((cycles[-1]["val_accuracy"], len(cycles) - 1, arch) for arch, cycles in state.results.items()
+                if cycles), default=None)
     if best is None:
         return None
     _, k, arch = best

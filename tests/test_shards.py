@@ -80,6 +80,13 @@ def test_shards_read_back_equal_the_enhanced_images(setup, ray_session):
     ds = read_shards_ray(out)
     batch = next(iter(ds.iter_batches(batch_size=8, batch_format="numpy")))
     assert batch["image"].shape[1:] == (55, 55) and batch["image"].dtype == np.uint8
+    # The in-process writer (used inside Tune trials) writes the same rows and the same manifest counts.
+    manifest = build_shards(cfg, records, clf, unet, tmp / "inprocess", inprocess=True, log=lambda *_: None)
+    assert manifest["counts"] == read_manifest(out)["counts"]
+    same_records, same_films, _ = load_shards(tmp / "inprocess")
+    by_path = dict(zip((r.path for r in same_records), same_films))
+    for record, film in zip(shard_records, films):
+        np.testing.assert_array_equal(by_path[record.path], film)
 
 
 def test_interrupted_build_leaves_nothing_readable_and_a_rerun_completes(setup, ray_session, monkeypatch):

@@ -1,0 +1,93 @@
+"""The evidence table's arithmetic and its reading of finished runs (no training here: the runs'
+files are written by hand, so the expected numbers are known)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cycle.config import Config
+from cycle.evidence import (
+    collect,
+    evidence_markdown,
+    paired_bootstrap,
+    run_name,
+    share_baseline,
+    variant_config,
+)
+
+
+def test_variants_change_only_the_enhancement_and_the_seed():
+    cfg = Config()
+    control = variant_config(cfg, 7, "control")
+    assert control.seed == 7 and control.enhance.strength == 0.0 and control.enhance.mode == cfg.enhance.mode
+    assert variant_config(cfg, 1, "highlight").enhance.mode == "highlight"
+    assert variant_config(cfg, 1, "highlight").train == cfg.train
+    with pytest.raises(ValueError, match="unknown variant 'sharpen'"):
+        variant_config(cfg, 0, "sharpen")
+
+
+def test_paired_bootstrap_constant_change_has_a_point_interval():
+    before = [np.zeros(50), np.zeros(50)]
+    after = [np.ones(50), np.ones(50)]
+    assert paired_bootstrap(before, after, n_boot=200) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_paired_bootstrap_interval_widens_with_seed_disagreement_and_skips_nan():
+    rng = np.random.default_rng(0)
+    before = [rng.random(200) for _ in range(3)]
+    agree = [b + 0.1 for b in before]
+    disagree = [before[0] + 0.3, before[1] - 0.1, before[2] + 0.1]
+    c1, lo1, hi1 = paired_bootstrap(before, agree, n_boot=500)
+    c2, lo2, hi2 = paired_bootstrap(before, disagree, n_boot=500)
+    assert c1 == pytest.approx(0.1) and c2 == pytest.approx(0.1)
+    assert hi2 - lo2 > hi1 - lo1 + 0.1
+    with_nan = [np.array([np.nan, 0.0, 0.0])]
+    assert paired_bootstrap(with_nan, [np.array([5.0, 1.0, 1.0])], n_boot=50)[0] == pytest.approx(1.0)
+    assert np.isnan(paired_bootstrap([np.array([np.nan])], [np.array([1.0])])[0])
+
+
+def _fake_run(root: Path, arch: str, cycles: dict[int, dict]) -> None:
+    """cycles: k -> {"correct": per-film 0/1 on test, "cf": on test_cf, "pointing": per-film values}."""
+    paths = [f"/data/test/f{i}.png" for i in range(4)]
+    for k, v in cycles.items():
+        train, evaluate = root / f"cycle_{k}" / arch / "train", root / f"cycle_{k}" / arch / "evaluate"
+        train.mkdir(parents=True)
+        evaluate.mkdir(parents=True)
+        for split, key in (("test", "correct"), ("test_cf", "cf")):
+            # label 1 everywhere: a correct film has probability 0.9, a wrong one 0.1
+            rows = [f"{p.replace('test', split)},1,{0.9 if c else 0.1}" for p, c in zip(paths, v[key])]
+            (train / f"predictions_{split}.csv").write_text("path,label,prob_pneumonia\n" + "\n".join(rows) + "\n")
+        np.savez(evaluate / "per_image.npz", paths=np.array(paths), lesion_pointing_game=np.array(v["pointing"]),
+                 lung_energy_share=np.full(4, 0.2 + 0.1 * k))
+        (evaluate / "DONE").write_text("{}")
+
+
+def test_collect_reads_baseline_and_last_cycle_per_seed(tmp_path):
+    base = {"correct": [1, 1, 1, 0], "cf": [0, 0, 1, 0], "pointing": [0.0, np.nan, 1.0, 0.0]}
+    last = {"correct": [1, 1, 1, 1], "cf": [1, 1, 1, 0], "pointing": [1.0, np.nan, 1.0, 0.0]}
+    for seed in (0, 1):
+        _fake_run(tmp_path / run_name("ev", seed, "context_swap"), "resnet18", {0: base, 1: base, 2: last})
+    table = collect(tmp_path, "ev", [0, 1, 2], ["context_swap", "control"], ["resnet18"])
+    row = table["resnet18"]["context_swap"]
+    assert "control" not in table["resnet18"]  # no finished runs: left out, not zero
+    assert row["test_accuracy"]["baseline"] == pytest.approx(0.75) and row["test_accuracy"]["last"] == 1.0
+    assert row["test_cf_accuracy"]["change"] == pytest.approx(0.5)
+    assert row["lesion_pointing_game"]["change"] == pytest.approx(1 / 3)
+    assert row["lung_energy_share"]["change"] == pytest.approx(0.2)  # cycle 2 is the last, not cycle 1
+    assert row["test_accuracy"]["seeds"] == [0, 1]
+    text = evidence_markdown(table)
+    assert "| resnet18 | context_swap | 2 |" in text and "0.250 → 0.750 (+0.500" in text
+
+
+def test_share_baseline_copies_a_finished_cycle_zero_once(tmp_path):
+    source, target = tmp_path / "a", tmp_path / "b"
+    (source / "cycle_0" / "tinyvgg" / "evaluate").mkdir(parents=True)
+    (source / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json").write_text("{}")
+    (source / "cycle_0" / "tinyvgg" / "evaluate" / "DONE").write_text("{}")
+    (source / "records.json").write_text("{}")
+    target.mkdir()
+    share_baseline(source, target)
+    assert (target / "cycle_0" / "tinyvgg" / "evaluate" / "DONE").is_file()
+    assert not (target / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json").exists()  # logged anew
+    assert (target / "records.json").is_file() and not list(target.glob("*.partial"))
