@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -141,7 +142,7 @@ class ResourcesConfig(Section):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
-    storage_path: str | None = None  # default: {output_dir}/ray; s3:// or NFS on a cluster
+    storage_path: str | None = None  # default: $CYCLE_STORAGE_PATH, else {output_dir}/ray
     max_failures: int = Field(1, ge=0)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
     local_num_cpus: int = Field(4, ge=1)  # logical CPUs of a local Ray (over-declared on purpose)
@@ -179,7 +180,10 @@ class Config(Section):
         return Path(self.data.phantom.out_dir or Path(self.output_dir) / "phantoms")
 
     def storage_path(self) -> str:
-        return self.resources.storage_path or str(Path(self.output_dir, "ray").resolve())
+        """Where Ray Train/Tune keep checkpoints: the config, else $CYCLE_STORAGE_PATH (set on a
+        cluster's nodes, see cluster.yaml), else under output_dir."""
+        return (self.resources.storage_path or os.environ.get("CYCLE_STORAGE_PATH")
+                or str(Path(self.output_dir, "ray").resolve()))
 
 
 # ---------------------------------------------------------------------------------------------

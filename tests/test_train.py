@@ -93,6 +93,37 @@ def test_ray_train_worker_trains_and_checkpoints_to_storage(tmp_path, phantom_ro
 
 
 @pytest.mark.ray
+def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path, phantom_root, ray_session):
+    """FailureConfig(max_failures=1): SIGKILL the worker process after its first epoch; Ray Train
+    starts a new worker, which resumes from the last checkpoint instead of starting over."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    cfg, records = _setup(tmp_path, phantom_root, "model.arch=resnet18", "train.epochs=6", "resources.num_workers=1",
+                          "resources.max_failures=1", f"resources.storage_path={tmp_path / 'storage'}")
+    run_dir = tmp_path / "run"
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(metrics=run_training(cfg, records, run_dir, "killed")))
+    thread.start()
+    deadline = time.time() + 300
+    while not (run_dir / "history.json").is_file() and time.time() < deadline and thread.is_alive():
+        time.sleep(0.2)
+    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
+    assert len(alive) == 1 and thread.is_alive(), "training ended before the worker could be killed"
+    epochs_before = len(json.loads((run_dir / "history.json").read_text()))
+    os.kill(alive[0].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "metrics" in outcome  # fit() succeeded after the restart
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, 7))  # resumed: no epoch repeated or lost
+    assert epochs_before < 6
+
+
+@pytest.mark.ray
 def test_train_job_runs_the_smoke_config(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),

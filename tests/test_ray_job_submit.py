@@ -1,0 +1,113 @@
+"""Ray Jobs and an MLflow server, for real, on loopback: `ray start --head`, `ray job submit
+--working-dir . -- python jobs/cycle.py --config configs/smoke.yaml` against a running `mlflow
+server` (started by jobs/mlflow_server.sh), then the runs read back through MLflow's REST client.
+Token auth is on, as `ray start` sets it on Ray 2.59+. Only what this test started is stopped."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without the token: Ray's token auth is on)
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ROOT": str(tmp_path / "mlflow-server")}
+    server = subprocess.Popen(["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--port", str(port)],
+                              cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/health", server)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(server)
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    gcs, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Unix socket paths must stay under 108 bytes
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        cwd=tmp_path, env=env, start_new_session=True,
+        stdout=open(tmp_path / "ray_head.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        _wait_for(f"http://127.0.0.1:{dashboard}/api/version", head, timeout=180)
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(tmp_path, mlflow_server, ray_head):
+    import mlflow
+
+    address, env = ray_head
+    out = tmp_path / "out"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
+    submit = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "jobs/cycle.py", "--config", "configs/smoke.yaml", "--set", f"output_dir={out}",
+         "--run-name", "submitted"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
+    assert "succeeded" in (submit.stdout + submit.stderr).lower()
+    assert "| tinyvgg | 1 |" in submit.stdout and (out / "submitted" / "report.md").is_file()
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)  # over HTTP: the REST API
+    experiment = client.get_experiment_by_name("cycle-smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("job") == "cycle")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "submitted"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["cycle"] for r in children) == ["0", "1"]
+    assert all("test_accuracy" in r.data.metrics for r in children)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "cycle_curves.png"}
+    assert client.get_model_version_by_alias("cycle-classifier", "best").run_id == parent.info.run_id
