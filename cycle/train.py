@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -95,6 +97,21 @@ class Session:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces
+
+
+def stage_for_ray(last: Path, ray_dir: Path) -> Path:
+    """The folder Ray copies to storage_path: last.pt hard-linked in (no second write of the
+    whole checkpoint each epoch), a copy where links are not possible."""
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    target = ray_dir / LAST
+    tmp = ray_dir / f".{LAST}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, target)
+    return ray_dir
 
 
 def quiet_ray_train_logs() -> None:
@@ -322,8 +339,7 @@ def train_func(loop_config: dict) -> None:
             }
             atomic_torch_save(run_dir / LAST, checkpoint)
             if session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)
-                ray_dir = run_dir / "ray_checkpoint"
-                atomic_torch_save(ray_dir / LAST, checkpoint)
+                ray_dir = stage_for_ray(run_dir / LAST, run_dir / "ray_checkpoint")
             atomic_write_json(run_dir / "history.json", state["history"])
             note = " (best)" if improved else ""
             note += " - early stop" if stop_early and state["epoch"] < cfg.train.epochs else ""
