@@ -73,6 +73,11 @@ def register_best(cfg: Config, runner, state, tracker) -> str | None:
     if best is None:
         return None
     _, k, arch = best
+    # A finished run resumed again registers nothing new: same run, same winner, same version.
+    record = runner.paths.root / "registered.json"
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    if done.get("run_id") == tracker.run_id and (done.get("arch"), done.get("cycle")) == (arch, k):
+        return done["message"]
     model, pre = load_classifier(runner.paths.stage(k, arch, "train") / "best.pt")
     example = np.zeros((1, 1, pre.size, pre.size), np.float32)
     info = tracker.log_model(model, example, name="model", registered_model_name=cfg.tracking.registered_model_name)
@@ -80,7 +85,9 @@ def register_best(cfg: Config, runner, state, tracker) -> str | None:
     version = getattr(info, "registered_model_version", None)
     if version is not None:
         mlflow.MlflowClient().set_registered_model_alias(cfg.tracking.registered_model_name, "best", str(version))
-    return f"{cfg.tracking.registered_model_name} v{version} (alias 'best'): {arch}, cycle {k}"
+    message = f"{cfg.tracking.registered_model_name} v{version} (alias 'best'): {arch}, cycle {k}"
+    atomic_write_json(record, {"run_id": tracker.run_id, "arch": arch, "cycle": k, "message": message})
+    return message
 
 
 def main() -> None:

@@ -64,6 +64,13 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
     version = client.get_model_version_by_alias("cycle-classifier", "best")
     assert version.run_id == parent.info.run_id
 
+    # Resuming the finished run reopens its MLflow run and registers no new version.
+    again = _run(["--set", f"output_dir={out}", "--set", f"tracking.uri=sqlite:///{db}", "--resume", "smoke"], out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    versions = client.search_model_versions("name='cycle-classifier'")
+    assert [v.version for v in versions] == [version.version]
+    assert client.get_model_version_by_alias("cycle-classifier", "best").version == version.version
+
 
 @pytest.mark.ray
 @pytest.mark.slow
