@@ -5,7 +5,7 @@ feature block (what the cycle uses) and one block earlier (twice the resolution)
 
 For every finished cycle of each architecture: CAMs on the first n PNEUMONIA test films (lesion
 masks from the phantom tree), lesion pointing game, lung and lesion energy share, at depth 0 (the
-output of `.features`) and depth 1 (`.features[:-1]`, the last block moved into the head).
+output of `.features`) and depth 1 (`cam.depth=1`: the last block moved into the head).
 """
 
 from __future__ import annotations
@@ -18,27 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
-from cycle.cam import compute_cam  # noqa: E402
+from cycle.cam import at_depth, compute_cam  # noqa: E402
 from cycle.checkpoint import load_classifier  # noqa: E402
 from cycle.data.phantom import load_mask  # noqa: E402
 from cycle.data.records import ScanResult, records_of  # noqa: E402
 from cycle.data.transforms import load_grayscale  # noqa: E402
 from cycle.localization import localization_metrics  # noqa: E402
-
-
-class Earlier(nn.Module):
-    """The same network with its CAM layer moved `depth` blocks towards the input."""
-
-    def __init__(self, model: nn.Module, depth: int):
-        super().__init__()
-        self.features = model.features[:-depth]
-        self.head = nn.Sequential(*model.features[-depth:], model.head)
-        self.cam_method = model.cam_method
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def main() -> None:
@@ -62,10 +48,10 @@ def main() -> None:
             lesions = np.stack([pre.crop_mask(load_mask(r.path, "lesions")) for r in test])
             lungs = np.stack([pre.crop_mask(load_mask(r.path, "lungs")) for r in test])
             for depth in (0, 1):
-                probe = model if depth == 0 else Earlier(model, depth)
+                probe = at_depth(model, depth)
                 with torch.no_grad():
                     side = probe.features(x[:1]).shape[-1]
-                values = localization_metrics(compute_cam(probe, x, batch_size=32).numpy(), lungs, lesions)
+                values = localization_metrics(compute_cam(model, x, batch_size=32, depth=depth).numpy(), lungs, lesions)
                 print(f"| {arch} | {cycle_dir.name.split('_')[1]} | {depth} | {side}x{side} | "
                       f"{np.nanmean(values['lesion_pointing_game']):.3f} | {np.nanmean(values['lung_energy_share']):.3f} | "
                       f"{np.nanmean(values['lesion_energy_share']):.3f} |", flush=True)

@@ -103,6 +103,29 @@ def resolve_method(model: nn.Module, method: str = "auto") -> str:
     return method
 
 
+class EarlierLayer(nn.Module):
+    """A classifier with its CAM layer moved `depth` feature blocks towards the input: the same
+    function and weights (shared, not copied), a finer map (twice the resolution per ResNet block)."""
+
+    def __init__(self, model: nn.Module, depth: int):
+        super().__init__()
+        blocks = list(model.features)
+        if not 0 < depth < len(blocks):
+            raise ValueError(f"CAM depth {depth} is out of range: this model has {len(blocks)} feature blocks, "
+                             f"so use 0 to {len(blocks) - 1}")
+        self.features = nn.Sequential(*blocks[:-depth])
+        self.head = nn.Sequential(*blocks[-depth:], model.head)
+        self.cam_method = getattr(model, "cam_method", "hirescam")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def at_depth(model: nn.Module, depth: int = 0) -> nn.Module:
+    """`model` itself for depth 0 (the output of `.features`), else an EarlierLayer view."""
+    return model if depth == 0 else EarlierLayer(model, depth)
+
+
 def compute_cam(
     model: nn.Module,
     images: torch.Tensor,
@@ -111,8 +134,11 @@ def compute_cam(
     size=None,
     return_logits: bool = False,
     batch_size: int | None = None,
+    depth: int = 0,
 ):
-    """CAMs by method name, in chunks of `batch_size` to bound memory on long inputs."""
+    """CAMs by method name, `depth` blocks before the end of `.features`, in chunks of
+    `batch_size` to bound memory on long inputs."""
+    model = at_depth(model, depth)
     engine = METHODS[resolve_method(model, method)]
     if batch_size is None or len(images) <= batch_size:
         return engine(model, images, target, size, return_logits)

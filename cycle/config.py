@@ -101,6 +101,9 @@ class TrainConfig(Section):
 class CamConfig(Section):
     # auto = the faithful map for the architecture (HiResCAM for Flatten+Linear heads).
     method: Literal["auto", "gradcam", "hirescam"] = "auto"
+    # Blocks before the end of `.features` where the map is taken: 0 = the last (the contract's
+    # layer); 1 = one earlier, twice the resolution for ResNets (bench/cam_depth.py shows why).
+    depth: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=1)
 
 

@@ -40,6 +40,7 @@ def evaluate_localization(
     batch_size: int = 32,
     seed: int = 0,
     per_image_npz: str | Path | None = None,
+    cam_depth: int = 0,
 ) -> dict[str, float]:
     """Mean and CI of each localisation metric over `records`; the panel's films, CAMs and
     predictions go to `out_npz` (for CAM grids and before/after pictures), each film's values in
@@ -55,7 +56,7 @@ def evaluate_localization(
         chunk = records[start : start + batch_size]
         films = [pre.resize(load_grayscale(r.path)) for r in chunk]
         x = torch.stack([pre.normalise(pre.crop(f)) for f in films])
-        cams = compute_cam(model, x, method=cam_method).numpy()
+        cams = compute_cam(model, x, method=cam_method, depth=cam_depth).numpy()
         masks = _masks(chunk, films, pre, unet)
         for name, values in localization_metrics(cams, **masks).items():
             per_image.setdefault(name, []).append(values)
@@ -68,7 +69,7 @@ def evaluate_localization(
         resized = [pre.resize(load_grayscale(r.path)) for r in panel]
         films = np.stack([pre.crop(f) for f in resized])
         x = torch.stack([pre.normalise(f) for f in films])
-        cams, logits = compute_cam(model, x, method=cam_method, return_logits=True)
+        cams, logits = compute_cam(model, x, method=cam_method, return_logits=True, depth=cam_depth)
         lungs = _masks(panel, resized, pre, unet)["lungs"]
         arrays = {"films": films, "cams": cams.numpy(), "probs": logits.softmax(1)[:, 1].numpy(),
                   "labels": np.array([r.label for r in panel]), "lungs": lungs}

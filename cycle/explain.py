@@ -97,7 +97,8 @@ class EnhanceWorker:
         from cycle.lungs import predict
 
         x = torch.stack([self.pre.normalise(self.pre.crop(f)) for f in films]).to(self.device)
-        cams, logits = compute_cam(self.model, x, method=self.s["cam_method"], return_logits=True)
+        cams, logits = compute_cam(self.model, x, method=self.s["cam_method"], return_logits=True,
+                                   depth=self.s.get("cam_depth", 0))
         r, s = self.pre.resize_to, self.pre.size
         off = (r - s) // 2
         canvas = np.zeros((len(films), r, r), np.float32)
@@ -149,7 +150,7 @@ def decode_arguments(cfg: Config, lookup: dict) -> dict:
 
 def worker_settings(cfg: Config) -> dict:
     e = cfg.enhance
-    return {"cam_method": cfg.cam.method, "mode": e.mode, "strength": e.strength,
+    return {"cam_method": cfg.cam.method, "cam_depth": cfg.cam.depth, "mode": e.mode, "strength": e.strength,
             "trust_threshold": e.trust_threshold, "fallback": e.fallback, "dilate_px": e.dilate_px,
             "seed": cfg.seed}
 

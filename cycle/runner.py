@@ -171,11 +171,11 @@ class Runner:
         metrics.update(evaluate_localization(
             train_dir / "best.pt", test, self.cfg.cam.method, lung_model,
             panel=panel_records(test, self.cfg.seed), out_npz=stage / "panel.npz", seed=self.cfg.seed,
-            per_image_npz=stage / "per_image.npz",
+            per_image_npz=stage / "per_image.npz", cam_depth=self.cfg.cam.depth,
         ))
         # The same on val: what the stop rule and sweeps decide on (test only reports).
         val = evaluate_localization(train_dir / "best.pt", records_of(scan.records, "val"), self.cfg.cam.method,
-                                    lung_model, seed=self.cfg.seed)
+                                    lung_model, seed=self.cfg.seed, cam_depth=self.cfg.cam.depth)
         metrics.update({f"val_{key}": value for key, value in val.items() if "_ci_" not in key})
         atomic_write_json(stage / "metrics.json", metrics)
         self.paths.mark_done(stage)

@@ -3,7 +3,7 @@ import torch
 from pytorch_grad_cam import GradCAM, HiResCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cycle.cam import compute_cam, grad_cam, hires_cam, normalise, resolve_method
+from cycle.cam import at_depth, compute_cam, grad_cam, hires_cam, normalise, resolve_method
 from cycle.models import build_model
 
 ARCHS = ["tinyvgg", "vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152"]
@@ -129,3 +129,28 @@ def test_hirescam_shows_where_a_flatten_head_looks():
     for m in hires:
         torch.testing.assert_close(m, expected)
     assert grad_cam(model, x, target=1, size=(side, side)).eq(0).all()
+
+
+@pytest.mark.parametrize("arch, depth", [("resnet18", 1), ("resnet50", 2), ("vgg16", 1)])
+def test_a_cam_one_block_earlier_equals_the_peer_on_that_layer(arch, depth):
+    """cam.depth moves the map towards the input without copying or changing the network."""
+    torch.manual_seed(2)
+    model = build_model(arch, image_size=128).eval()
+    images = torch.randn(3, 1, 128, 128)
+    targets = [1, 0, 1]
+    ours = compute_cam(model, images, method="gradcam", target=targets, depth=depth)
+    with GradCAM(model=model, target_layers=[model.features[-1 - depth]]) as cam:
+        peer = torch.from_numpy(cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets]))
+    assert (ours - peer).abs().max() <= 1e-4
+    view = at_depth(model, depth)
+    with torch.no_grad():
+        torch.testing.assert_close(view(images), model(images))  # the same function, shared weights
+        assert view.features(images).shape[-1] == model.features(images).shape[-1] * 2 ** depth
+    assert all(p is q for p, q in zip(view.parameters(), model.parameters()))
+
+
+def test_an_impossible_cam_depth_names_the_range():
+    model = build_model("tinyvgg", image_size=SIZE)
+    with pytest.raises(ValueError, match="out of range: this model has 2 feature blocks, so use 0 to 1"):
+        compute_cam(model, torch.randn(1, 1, SIZE, SIZE), depth=2)
+    assert at_depth(model, 0) is model
