@@ -90,6 +90,7 @@ def main() -> None:
     from cycle.sweep import (
         best_config,
         best_overrides,
+        check_objective,
         read_space,
         run_sweep,
         summary_markdown,
@@ -99,6 +100,7 @@ def main() -> None:
     try:
         space = read_space(args.space)
         validate_space(space, cfg, source=args.space)
+        check_objective(cfg)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     name = args.resume or args.name or time.strftime("%Y%m%d-%H%M%S")
