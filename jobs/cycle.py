@@ -95,6 +95,9 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", metavar="RUN", help="continue the run RUN (finished stages are skipped)")
     group.add_argument("--run-name", metavar="RUN", help="name of a new run (default: cycle-<time>)")
+    parser.add_argument("--inprocess-shards", action="store_true",
+                        help="build shards in this process, not with Ray Data; with --set resources.num_workers=0 "
+                             "the job needs no Ray at all (e.g. a single GPU box)")
     args = parser.parse_args()
     cfg = _common.config_from(args)
     run_name = args.resume or args.run_name or cfg.run_name or time.strftime("cycle-%Y%m%d-%H%M%S")
@@ -126,7 +129,7 @@ def main() -> None:
             atomic_write_json(parent_file, {"run_id": tracker.run_id, "uri": tracking_uri(cfg)})
         if not (previous and same_store):
             tracker.log_config()
-        runner = Runner(cfg, run_name, tracker=tracker)
+        runner = Runner(cfg, run_name, tracker=tracker, inprocess_shards=args.inprocess_shards)
         state = runner.run()
         registered = register_best(cfg, runner, state, tracker)
         note = f"MLflow run {tracker.run_id} at {tracking_uri(cfg) or 'sqlite:///mlflow.db'}" if tracker.run else "tracking disabled"
