@@ -25,6 +25,13 @@ def config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+def inprocess_shards_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--inprocess-shards", action="store_true",
+                        help="build shards in this process, not with Ray Data; with --set resources.num_workers=0 "
+                             "the job needs no Ray at all (e.g. a single GPU box)")
+    return parser
+
+
 def config_from(args: argparse.Namespace) -> Config:
     try:
         return load_config(args.config, args.overrides)

@@ -95,9 +95,7 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", metavar="RUN", help="continue the run RUN (finished stages are skipped)")
     group.add_argument("--run-name", metavar="RUN", help="name of a new run (default: cycle-<time>)")
-    parser.add_argument("--inprocess-shards", action="store_true",
-                        help="build shards in this process, not with Ray Data; with --set resources.num_workers=0 "
-                             "the job needs no Ray at all (e.g. a single GPU box)")
+    _common.inprocess_shards_argument(parser)
     args = parser.parse_args()
     cfg = _common.config_from(args)
     run_name = args.resume or args.run_name or cfg.run_name or time.strftime("cycle-%Y%m%d-%H%M%S")

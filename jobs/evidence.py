@@ -25,9 +25,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--name", default="evidence", help="prefix of the runs and the report folder")
     parser.add_argument("--report-only", action="store_true", help="only tabulate runs that already finished")
-    parser.add_argument("--inprocess-shards", action="store_true",
-                        help="build shards in this process, not with Ray Data; with --set resources.num_workers=0 "
-                             "the whole job runs without Ray (a single GPU box)")
+    _common.inprocess_shards_argument(parser)
     args = parser.parse_args()
     cfg = _common.config_from(args)
     variants = list(dict.fromkeys(args.variants))
