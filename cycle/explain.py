@@ -107,6 +107,17 @@ class EnhanceWorker:
         probs = logits.float().softmax(dim=1)[:, 1].cpu().numpy()
         return canvas, lungs, probs
 
+    def enhance(self, batch: dict, idx: np.ndarray):
+        """The decoded films `idx` of a decode_batch output -> (CAMs, P(PNEUMONIA), Enhanced)."""
+        films = batch["film"][idx]
+        cams, lungs, probs = self.maps(films)
+        rng = np.random.default_rng([self.s["seed"], zlib.crc32(str(batch["path"][idx[0]]).encode())])
+        context = batch["context"][idx].astype(np.float32) / 255.0 if self.s["mode"] == "context_swap" else None
+        result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, self.s["mode"], self.s["strength"],
+                               self.s["trust_threshold"], self.s["fallback"], rng, self.s["dilate_px"],
+                               context=context)
+        return cams, probs, result
+
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
         ok = np.array([s == OK for s in batch["status"]], bool)
@@ -119,13 +130,7 @@ class EnhanceWorker:
         trusted, donors = np.zeros(n, bool), np.array(batch["donor"], dtype=object)
         if ok.any():
             idx = np.flatnonzero(ok)
-            films = batch["film"][idx]
-            cams, lungs, probs = self.maps(films)
-            rng = np.random.default_rng([self.s["seed"], zlib.crc32(str(batch["path"][idx[0]]).encode())])
-            context = batch["context"][idx].astype(np.float32) / 255.0 if self.s["mode"] == "context_swap" else None
-            result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, self.s["mode"], self.s["strength"],
-                                   self.s["trust_threshold"], self.s["fallback"], rng, self.s["dilate_px"],
-                                   context=context)
+            cams, probs, result = self.enhance(batch, idx)
             for k, i in enumerate(idx):
                 peak = np.unravel_index(int(cams[k].argmax()), cams[k].shape)
                 stats["prob_pneumonia"][i] = probs[k]
@@ -267,31 +272,35 @@ def _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp: Path, 
         pq.write_table(table, tmp / f"part-{i:05d}.parquet")
 
 
+def _read_and_decode(paths: Sequence[str], arguments: dict) -> dict:
+    """What read_binary_files + decode_batch do in Ray Data, in this process."""
+    return decode_batch({"bytes": [Path(p).read_bytes() for p in paths], "path": list(paths)}, **arguments)
+
+
 def iter_enhanced(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32):
     """The same pipeline batched in this process (no Ray): output batches, one at a time."""
     paths, lookup = _inputs(records, cfg.seed)
     arguments = decode_arguments(cfg, lookup)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        raw = {"bytes": [Path(p).read_bytes() for p in chunk], "path": chunk}
-        yield worker(decode_batch(raw, **arguments))
+        yield worker(_read_and_decode(chunk, arguments))
 
 
 def enhance_inprocess(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32) -> list[dict]:
     return list(iter_enhanced(cfg, records, worker, batch_size))
 
 
-def sample_picture(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, path: str | Path, n: int = 49) -> Path:
-    """49 films of the build's order: (film, CAM, enhanced film) triplets."""
-    from cycle.data.transforms import load_grayscale
+def sample_picture(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, path: str | Path,
+                   n: int = 49) -> Path | None:
+    """The first n readable films of the build's order: (film, CAM, enhanced film) triplets,
+    decoded and enhanced exactly as the shard rows are; None when none of them is readable."""
     from cycle.plots import enhanced_grid
 
     paths, lookup = _inputs(records, cfg.seed)
-    films = np.stack([worker.pre.resize(load_grayscale(p)) for p in paths[:n]])
-    context = np.stack([worker.pre.resize(load_grayscale(lookup[p][3])) for p in paths[:n]]) / 255.0
-    cams, lungs, _ = worker.maps(films)
-    s = worker.s
-    result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, s["mode"], s["strength"],
-                           s["trust_threshold"], s["fallback"], np.random.default_rng(s["seed"]), s["dilate_px"],
-                           context=context if s["mode"] == "context_swap" else None)
-    return enhanced_grid(films / 255.0, cams, result.images, path)
+    chunk = paths[: n + 8]  # a few spare films in case some are unreadable
+    batch = _read_and_decode(chunk, decode_arguments(cfg, lookup))
+    idx = np.flatnonzero([s == OK for s in batch["status"]])[:n]
+    if not len(idx):
+        return None
+    cams, _, result = worker.enhance(batch, idx)
+    return enhanced_grid(batch["film"][idx] / 255.0, cams, result.images, path)
