@@ -46,11 +46,7 @@ def evaluate_localization(
     predictions go to `out_npz` (for CAM grids and before/after pictures), each film's values in
     record order to `per_image_npz` (for paired comparisons across cycles and seeds)."""
     model, pre = load_classifier(classifier_path)
-    unet = None
-    if lung_model_path is not None:
-        from cycle.lungs import load_lung_model
-
-        unet = load_lung_model(lung_model_path)
+    unet = _LazyLungModel(lung_model_path)
     per_image: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
@@ -84,9 +80,24 @@ def _masks(records: Sequence[Record], resized_films, pre, unet) -> dict[str, np.
         for kind in ("lesions", "confounders"):
             kinds[kind] = [load_mask(r.path, kind) for r in records]
         return {k: np.stack([pre.crop_mask(m) for m in v]) for k, v in kinds.items()}
-    if unet is None:
-        raise ValueError("no truth masks beside these films: pass a lung model")
     from cycle.lungs import predict
 
-    lungs = predict(unet, list(resized_films))
+    lungs = predict(unet.get(), list(resized_films))
     return {"lungs": np.stack([pre.crop(m) for m in lungs]), "lesions": None, "confounders": None}
+
+
+class _LazyLungModel:
+    """The U-Net, loaded on first need: phantom films carry their truth masks and never need it."""
+
+    def __init__(self, path: str | Path | None):
+        self.path, self.model = path, None
+
+    def get(self):
+        if self.model is None:
+            if self.path is None:
+                raise ValueError("no truth masks beside these films: pass a lung model")
+            from cycle.lungs import load_lung_model
+
+            self.model = load_lung_model(self.path)
+        return self.model
+
