@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,20 +84,14 @@ def run_evidence(cfg: Config, seeds: list[int], variants: list[str], prefix: str
 # Reading finished runs back
 
 
-@dataclass
-class PerFilm:
-    """Per-test-film values of one (run, arch, cycle), keyed by metric, in a fixed film order."""
-
-    values: dict[str, np.ndarray]
-
-
 def _correct(path: Path) -> dict[str, float]:
     with open(path, newline="") as f:
         return {row["path"]: float((float(row["prob_pneumonia"]) >= 0.5) == (row["label"] == "1"))
                 for row in csv.DictReader(f)}
 
 
-def per_film(run_root: Path, arch: str, k: int) -> PerFilm:
+def per_film(run_root: Path, arch: str, k: int) -> dict[str, np.ndarray]:
+    """Per-test-film values of one (run, arch, cycle), keyed by metric, in a fixed film order."""
     train = run_root / f"cycle_{k}" / arch / "train"
     loc = np.load(run_root / f"cycle_{k}" / arch / "evaluate" / "per_image.npz")
     order = [str(p) for p in loc["paths"]]
@@ -109,7 +102,7 @@ def per_film(run_root: Path, arch: str, k: int) -> PerFilm:
     if cf:
         cf_order = sorted(cf)
         values["test_cf_accuracy"] = np.array([cf[p] for p in cf_order])
-    return PerFilm(values)
+    return values
 
 
 def last_cycle(run_root: Path, arch: str) -> int:
@@ -155,9 +148,9 @@ def collect(out_dir: Path, prefix: str, seeds: list[int], variants: list[str], a
                 b, a = per_film(root, arch, 0), per_film(root, arch, k)
                 used.append(seed)
                 for metric, _ in METRICS:
-                    if metric in b.values and metric in a.values:
-                        before.setdefault(metric, []).append(b.values[metric])
-                        after.setdefault(metric, []).append(a.values[metric])
+                    if metric in b and metric in a:
+                        before.setdefault(metric, []).append(b[metric])
+                        after.setdefault(metric, []).append(a[metric])
             if not used:
                 continue
             row = {}

@@ -98,13 +98,9 @@ def apply_values(base: Config, values: Mapping[str, Any]) -> Config:
 def tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
     from ray import tune
 
-    out = {}
-    for key, spec in space.items():
-        kind, args = next(iter(spec.items()))
-        out[key] = {"grid_search": lambda a: tune.grid_search(a), "choice": tune.choice,
-                    "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
-                    "randint": lambda a: tune.randint(*a)}[kind](args)
-    return out
+    samplers = {"grid_search": tune.grid_search, "choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
+                "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    return {key: samplers[kind](args) for key, spec in space.items() for kind, args in spec.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,3 +105,23 @@ class Tracker:
 
         return mlflow.pytorch.log_model(model.eval(), name=name, input_example=input_example,
                                         registered_model_name=registered_model_name)
+
+    def register_classifier(self, checkpoint: str | Path, alias: str, name: str = "model") -> str | None:
+        """A classifier checkpoint -> this run's model, registered as tracking.registered_model_name
+        with `alias` pointing at the new version; returns the version (None when not tracking)."""
+        if self.run is None:
+            return None
+        import mlflow
+        import numpy as np
+
+        from cycle.checkpoint import load_classifier
+
+        model, pre = load_classifier(checkpoint)
+        example = np.zeros((1, 1, pre.size, pre.size), np.float32)
+        registry = self.cfg.tracking.registered_model_name
+        info = self.log_model(model, example, name=name, registered_model_name=registry)
+        version = getattr(info, "registered_model_version", None)
+        if version is not None:
+            mlflow.MlflowClient().set_registered_model_alias(registry, alias, str(version))
+        return None if version is None else str(version)
+

@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import _common
-import numpy as np
 
 from cycle.config import Config
 from cycle.io import atomic_write_json
@@ -66,8 +65,6 @@ def register_best(cfg: Config, runner, state, tracker) -> str | None:
         return None
     import mlflow
 
-    from cycle.checkpoint import load_classifier
-
     best = max(((cycles[-1]["val_accuracy"], len(cycles) - 1, arch) for arch, cycles in state.results.items()
                 if cycles), default=None)
     if best is None:
@@ -78,13 +75,8 @@ def register_best(cfg: Config, runner, state, tracker) -> str | None:
     done = json.loads(record.read_text()) if record.is_file() else {}
     if done.get("run_id") == tracker.run_id and (done.get("arch"), done.get("cycle")) == (arch, k):
         return done["message"]
-    model, pre = load_classifier(runner.paths.stage(k, arch, "train") / "best.pt")
-    example = np.zeros((1, 1, pre.size, pre.size), np.float32)
-    info = tracker.log_model(model, example, name="model", registered_model_name=cfg.tracking.registered_model_name)
+    version = tracker.register_classifier(runner.paths.stage(k, arch, "train") / "best.pt", alias="best")
     mlflow.set_tags({"best_arch": arch, "best_cycle": str(k)})
-    version = getattr(info, "registered_model_version", None)
-    if version is not None:
-        mlflow.MlflowClient().set_registered_model_alias(cfg.tracking.registered_model_name, "best", str(version))
     message = f"{cfg.tracking.registered_model_name} v{version} (alias 'best'): {arch}, cycle {k}"
     atomic_write_json(record, {"run_id": tracker.run_id, "arch": arch, "cycle": k, "message": message})
     return message

@@ -31,7 +31,6 @@ def log(message: str) -> None:
 def track(cfg, name: str, rows: list[dict], sweep_dir: Path, files: list[Path]) -> str | None:
     """Parent run for the sweep, a nested run per trial, the best trial's model registered.
     Written from this driver only (one SQLite writer)."""
-    from cycle.checkpoint import load_classifier
     from cycle.sweep import trial_run_dir
     from cycle.tracking import Tracker
 
@@ -58,23 +57,24 @@ def track(cfg, name: str, rows: list[dict], sweep_dir: Path, files: list[Path]) 
                     child.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))
                                        and not isinstance(v, bool) and k not in ("training_iteration",)}, step=step)
             logged.add(row["trial_id"])
-        atomic_write_json(parent_file, {"run_id": parent.run_id, "trials": sorted(logged)})
+        record = {"run_id": parent.run_id, "trials": sorted(logged), "registered": previous.get("registered")}
+        atomic_write_json(parent_file, record)
         for file in files:
             parent.log_artifact(file, "sweep")
         best = rows[0]
         parent.log_metrics({"best_objective": best["objective"]})
         mlflow.set_tags({"best_trial": best["trial_id"]})
+        if (record["registered"] or {}).get("trial_id") == best["trial_id"]:
+            return record["registered"]["message"]  # a resumed sweep with the same winner: no new version
         root = trial_run_dir(sweep_dir, best)
         cycles = sorted(root.glob("cycle_*/*/train/best.pt"), key=lambda p: int(p.parts[-4].split("_")[1]))
         if not cycles:
             return None
-        model, pre = load_classifier(cycles[-1])
-        example = np.zeros((1, 1, pre.size, pre.size), np.float32)
-        info = parent.log_model(model, example, name="best_model", registered_model_name=cfg.tracking.registered_model_name)
-        version = getattr(info, "registered_model_version", None)
+        version = parent.register_classifier(cycles[-1], alias="sweep_best", name="best_model")
         if version is not None:
-            mlflow.MlflowClient().set_registered_model_alias(cfg.tracking.registered_model_name, "sweep_best", str(version))
-            return f"{cfg.tracking.registered_model_name} v{version} (alias 'sweep_best')"
+            message = f"{cfg.tracking.registered_model_name} v{version} (alias 'sweep_best')"
+            atomic_write_json(parent_file, {**record, "registered": {"trial_id": best["trial_id"], "message": message}})
+            return message
     return None
 
 
