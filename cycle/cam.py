@@ -136,19 +136,26 @@ def compute_cam(
     batch_size: int | None = None,
     depth: int = 0,
 ):
-    """CAMs by method name, `depth` blocks before the end of `.features`, in chunks of
-    `batch_size` to bound memory on long inputs."""
+    """CAMs by method name, `depth` blocks before the end of `.features`. With `batch_size`, in
+    chunks of exactly that many images (the last one padded): CPU convolutions round differently
+    at different batch sizes, so a film's map must not depend on how many came with it."""
     model = at_depth(model, depth)
     engine = METHODS[resolve_method(model, method)]
-    if batch_size is None or len(images) <= batch_size:
+    if batch_size is None:
         return engine(model, images, target, size, return_logits)
     per_image = target is not None and not isinstance(target, int)
     maps, logits = [], []
     for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        n = len(chunk)
         chunk_target = target[start : start + batch_size] if per_image else target
-        m, lg = engine(model, images[start : start + batch_size], chunk_target, size, True)
-        maps.append(m)
-        logits.append(lg)
+        if n < batch_size:
+            chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n, *chunk.shape[1:]))])
+            if per_image:
+                chunk_target = list(chunk_target) + [0] * (batch_size - n)
+        m, lg = engine(model, chunk, chunk_target, size, True)
+        maps.append(m[:n])
+        logits.append(lg[:n])
     maps_t, logits_t = torch.cat(maps), torch.cat(logits)
     return (maps_t, logits_t) if return_logits else maps_t
 

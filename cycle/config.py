@@ -149,6 +149,9 @@ class ResourcesConfig(Section):
     max_failures: int = Field(1, ge=0)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
     local_num_cpus: int = Field(4, ge=1)  # logical CPUs of a local Ray (over-declared on purpose)
+    # A stage that makes no progress this long (waiting for CPUs/GPUs it cannot get) says what it
+    # waits for and stops; 0 = wait forever. Generous: an autoscaler takes minutes to add a node.
+    stall_timeout_s: float = Field(600.0, ge=0.0)
 
 
 class SweepConfig(Section):
@@ -162,6 +165,11 @@ class SweepConfig(Section):
     grace_period: int = Field(1, ge=1)  # ASHA: cycles every trial runs before it can be stopped
     reduction_factor: int = Field(2, ge=2)
     cpus_per_trial: float = Field(1.0, gt=0.0)
+
+
+# Config values that name files or folders (made absolute by the driver before anything runs).
+PATH_KEYS = ("output_dir", "data.root", "data.phantom.out_dir", "model.weights_path", "lungseg.weights",
+             "resources.storage_path")
 
 
 class Config(Section):
@@ -178,6 +186,35 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     sweep: SweepConfig = SweepConfig()
+
+    def with_overrides(self, values: Mapping[str, Any]) -> Config:
+        """A validated copy with dotted keys replaced, e.g. {"model.arch": "vgg16"}."""
+        raw = self.model_dump(mode="json")
+        for key, value in values.items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return validate_config(raw, source="derived config")
+
+    def with_absolute_paths(self, base: str | Path | None = None) -> Config:
+        """Every local path made absolute against `base` (default: the current folder). The driver
+        does this first: Ray Train and Tune move each worker into a folder of its own, where a
+        relative path points nowhere."""
+        base = Path(base or os.getcwd())
+        values = {}
+        for key in PATH_KEYS:
+            value = self.value_at(key)
+            if value and "://" not in str(value):
+                values[key] = str((base / Path(value).expanduser()).resolve())
+        return self.with_overrides(values) if values else self
+
+    def value_at(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
 
     def phantom_dir(self) -> Path:
         return Path(self.data.phantom.out_dir or Path(self.output_dir) / "phantoms")

@@ -52,7 +52,7 @@ def evaluate_localization(
         chunk = records[start : start + batch_size]
         films = [pre.resize(load_grayscale(r.path)) for r in chunk]
         x = torch.stack([pre.normalise(pre.crop(f)) for f in films])
-        cams = compute_cam(model, x, method=cam_method, depth=cam_depth).numpy()
+        cams = compute_cam(model, x, method=cam_method, depth=cam_depth, batch_size=batch_size).numpy()
         masks = _masks(chunk, films, pre, unet)
         for name, values in localization_metrics(cams, **masks).items():
             per_image.setdefault(name, []).append(values)
@@ -65,7 +65,8 @@ def evaluate_localization(
         resized = [pre.resize(load_grayscale(r.path)) for r in panel]
         films = np.stack([pre.crop(f) for f in resized])
         x = torch.stack([pre.normalise(f) for f in films])
-        cams, logits = compute_cam(model, x, method=cam_method, return_logits=True, depth=cam_depth)
+        cams, logits = compute_cam(model, x, method=cam_method, return_logits=True, depth=cam_depth,
+                                   batch_size=batch_size)
         lungs = _masks(panel, resized, pre, unet)["lungs"]
         arrays = {"films": films, "cams": cams.numpy(), "probs": logits.softmax(1)[:, 1].numpy(),
                   "labels": np.array([r.label for r in panel]), "lungs": lungs}

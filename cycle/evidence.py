@@ -74,8 +74,9 @@ def run_evidence(cfg: Config, seeds: list[int], variants: list[str], prefix: str
                 share_baseline(out / first, root)
             log(f"[evidence] seed {seed}, {variant}: {root}")
             runner = Runner(variant_config(cfg, seed, variant), name, inprocess_shards=inprocess_shards)
-            state = runner.run()
-            write_report(runner, state, "tracking: see the evidence report")
+            with runner.claim():
+                state = runner.run()
+                write_report(runner, state, "tracking: see the evidence report")
             first = first or name
     return out / prefix
 

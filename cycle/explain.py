@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -97,8 +98,9 @@ class EnhanceWorker:
         from cycle.lungs import predict
 
         x = torch.stack([self.pre.normalise(self.pre.crop(f)) for f in films]).to(self.device)
+        # Fixed-size batches: a film's CAM and mask must not depend on how Ray Data batched it.
         cams, logits = compute_cam(self.model, x, method=self.s["cam_method"], return_logits=True,
-                                   depth=self.s.get("cam_depth", 0))
+                                   depth=self.s.get("cam_depth", 0), batch_size=self.s.get("batch_size", 32))
         r, s = self.pre.resize_to, self.pre.size
         off = (r - s) // 2
         canvas = np.zeros((len(films), r, r), np.float32)
@@ -155,7 +157,7 @@ def decode_arguments(cfg: Config, lookup: dict) -> dict:
 
 def worker_settings(cfg: Config) -> dict:
     e = cfg.enhance
-    return {"cam_method": cfg.cam.method, "cam_depth": cfg.cam.depth, "mode": e.mode, "strength": e.strength,
+    return {"cam_method": cfg.cam.method, "cam_depth": cfg.cam.depth, "batch_size": cfg.cam.batch_size, "mode": e.mode, "strength": e.strength,
             "trust_threshold": e.trust_threshold, "fallback": e.fallback, "dilate_px": e.dilate_px,
             "seed": cfg.seed}
 
@@ -194,7 +196,7 @@ def build_shards(
     classifier_path: str | Path,
     lung_model_path: str | Path,
     out_dir: str | Path,
-    num_actors: int = 1,
+    num_actors: int | None = None,
     batch_size: int | None = None,
     gpus_per_actor: float = 0.0,
     threads_per_actor: int | None = None,
@@ -202,9 +204,11 @@ def build_shards(
     inprocess: bool = False,
 ) -> dict:
     """Build (or reuse) the enhanced shards of `records` in `out_dir`; returns the manifest.
+    `num_actors` caps the EnhanceWorker pool, which is otherwise sized from the cluster's CPUs.
     `inprocess`: the same rows written by this process, without Ray Data (inside a Tune trial,
     where Data tasks would wait for CPUs the trials hold)."""
-    out_dir = Path(out_dir)
+    # Absolute: Ray's workers need not share the driver's working folder.
+    out_dir, classifier_path, lung_model_path = (Path(p).resolve() for p in (out_dir, classifier_path, lung_model_path))
     key = build_key(cfg, records, classifier_path, lung_model_path)
     if (out_dir / MANIFEST).is_file():
         try:
@@ -221,13 +225,13 @@ def build_shards(
 
     paths, lookup = _inputs(records, cfg.seed)
     batch_size = batch_size or cfg.cam.batch_size
-    how = "in this process" if inprocess else f"{num_actors} actor(s)"
+    how = "in this process" if inprocess else "Ray Data"
     log(f"[shards] {len(paths):,} films -> {out_dir} ({cfg.enhance.mode}, strength {cfg.enhance.strength}, {how})")
     if inprocess:
         _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp, batch_size, threads_per_actor)
     else:
         _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp, batch_size, num_actors,
-                             gpus_per_actor, threads_per_actor)
+                             gpus_per_actor, log)
     manifest = write_manifest(tmp, key, len(paths), extra={
         "mode": cfg.enhance.mode, "strength": cfg.enhance.strength, "trust_threshold": cfg.enhance.trust_threshold,
         "fallback": cfg.enhance.fallback, "classifier": str(classifier_path), "lung_model": str(lung_model_path),
@@ -241,35 +245,67 @@ def build_shards(
 
 
 def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp: Path, batch_size: int,
-                         num_actors: int, gpus_per_actor: float, threads_per_actor: int | None) -> None:
+                         wanted_actors: int | None, gpus_per_actor: float, log) -> None:
+    """Decode tasks -> EnhanceWorker actors, sized from the cluster; this driver writes each
+    output batch as it arrives (progress shown, a stall named and ended by the watchdog)."""
+    import ray
     import ray.data
 
-    ds = ray.data.read_binary_files(paths, include_paths=True)
-    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
+    from cycle.resources import plan_shard_pool, waiting_message
+    from cycle.watchdog import Watchdog
+
+    pool = plan_shard_pool(ray.cluster_resources(), gpus_per_actor, wanted_actors)
+    log(f"[shards] Ray Data: {pool.describe()}")
+    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=pool.task_cpus)
+    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=pool.task_cpus,
                         fn_kwargs=decode_arguments(cfg, lookup))
     ds = ds.map_batches(
         EnhanceWorker,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_gpus=gpus_per_actor,
-        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_gpus=pool.gpus_per_actor,
+        num_cpus=pool.cpus_per_actor,
         fn_constructor_kwargs={"classifier_path": str(classifier_path), "lung_model_path": str(lung_model_path),
-                               "settings": worker_settings(cfg), "threads": threads_per_actor},
+                               "settings": worker_settings(cfg), "threads": pool.threads_per_actor},
     )
-    ds.write_parquet(str(tmp))
+    request = {"CPU": pool.actors * pool.cpus_per_actor + pool.task_cpus, "GPU": pool.actors * pool.gpus_per_actor}
+
+    def describe(waited: float) -> str:
+        return waiting_message(
+            f"the shard build ({len(paths):,} films -> {tmp.name})", waited, request, ray.cluster_resources(),
+            ray.available_resources(),
+            "give the cluster more CPUs (`ray start --head --num-cpus N`, or worker nodes), free the ones "
+            "other jobs hold, or build in this process (--inprocess-shards)")
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    done, last_shown = 0, 0.0
+    with Watchdog("shards", cfg.resources.stall_timeout_s, describe) as dog:
+        for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
+            _write_part(tmp, i, batch)
+            dog.beat()
+            done += len(batch["path"])
+            if time.monotonic() - last_shown > 10 or done == len(paths):
+                log(f"[shards] {done:,}/{len(paths):,} films")
+                last_shown = time.monotonic()
+
+
+def _write_part(tmp: Path, index: int, batch: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({k: list(v) if np.asarray(v).dtype == object else v for k, v in batch.items()})
+    path = tmp / f"part-{index:05d}.parquet"
+    pq.write_table(table, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp: Path, batch_size: int,
                      threads: int | None) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     worker = EnhanceWorker(str(classifier_path), str(lung_model_path), worker_settings(cfg), threads=threads)
     tmp.mkdir(parents=True, exist_ok=True)
     for i, batch in enumerate(iter_enhanced(cfg, records, worker, batch_size)):
-        table = pa.table({k: list(v) if np.asarray(v).dtype == object else v for k, v in batch.items()})
-        pq.write_table(table, tmp / f"part-{i:05d}.parquet")
+        _write_part(tmp, i, batch)
 
 
 def _read_and_decode(paths: Sequence[str], arguments: dict) -> dict:

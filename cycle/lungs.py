@@ -58,7 +58,9 @@ def predict(
     clean: bool = True,
     device: str | torch.device | None = None,
 ) -> list[np.ndarray]:
-    """Lung masks (bool, each the size of its film) for uint8 grayscale films of any sizes."""
+    """Lung masks (bool, each the size of its film) for uint8 grayscale films of any sizes, in
+    batches of exactly `batch_size` (the last one padded), so a film's mask does not depend on
+    how many films came with it (CPU convolutions round differently at other batch sizes)."""
     size = size or getattr(model, "image_size", 128)
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -67,7 +69,10 @@ def predict(
     try:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            probs = model(to_input(chunk, size).to(device)).softmax(dim=1)[:, 1].float().cpu().numpy()
+            x = to_input(chunk, size)
+            if len(chunk) < batch_size:
+                x = torch.cat([x, x.new_zeros((batch_size - len(chunk), *x.shape[1:]))])
+            probs = model(x.to(device)).softmax(dim=1)[:, 1].float().cpu().numpy()[: len(chunk)]
             for film, prob in zip(chunk, probs):
                 # Resize the probability, not the hard mask: smooth edges at any scale.
                 full = cv2.resize(prob, (film.shape[1], film.shape[0]), interpolation=cv2.INTER_LINEAR) > 0.5

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cycle.config import Config, dump_yaml
+from cycle.config import Config
 from cycle.data.records import ScanResult, records_of
-from cycle.io import atomic_write_json, atomic_write_text
+from cycle.io import atomic_write_json, atomic_write_text, folder_lock
+from cycle.run_config import check_run_config, record_run_config
 
 DONE = "DONE"
 REPORT_METRICS = (
@@ -94,16 +95,22 @@ class Runner:
     def __init__(self, cfg: Config, run_name: str, tracker=None, on_cycle=None, inprocess_shards: bool = False):
         from cycle.ray_session import init_ray
 
+        cfg = cfg.with_absolute_paths()  # workers run in folders of their own: no relative path survives
         self.cfg = cfg
         self.paths = RunPaths(Path(cfg.output_dir) / run_name)
         self.run_name = run_name
         self.tracker = tracker
         self.on_cycle = on_cycle
         self.inprocess_shards = inprocess_shards
+        check_run_config(self.paths.root, cfg)  # a run folder belongs to one config
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.paths.root / "config.yaml", dump_yaml(cfg))
+        record_run_config(self.paths.root, cfg)
         if cfg.resources.num_workers > 0 or not inprocess_shards:
             init_ray(cfg)  # else nothing here needs Ray: a single GPU box without it runs the cycle too
+
+    def claim(self):
+        """Hold this run's folder for the block: a second job on the same run is refused at once."""
+        return folder_lock(self.paths.root, f"run {self.run_name}", wait=False, log=log)
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -152,8 +159,7 @@ class Runner:
             train = records_of(scan.records, "train")
             # val too: the fine-tune is selected on val films enhanced the same way (see train_func)
             build_shards(cfg, train + records_of(scan.records, "val"), previous, lung_model, stage / "data",
-                         num_actors=max(1, self.cfg.resources.local_num_cpus // 2), log=log,
-                         inprocess=self.inprocess_shards)
+                         log=log, inprocess=self.inprocess_shards)
             worker = EnhanceWorker(str(previous), str(lung_model), worker_settings(cfg))
             sample_picture(cfg, train, worker, stage / "samples.png")
             self.paths.mark_done(stage)

@@ -13,8 +13,9 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from cycle.models import Classifier, build_model
 
 LAST = "last.pt"  # model, optimiser, scheduler, epoch, early-stopping state, history
 BEST = "best.pt"  # model weights with the lowest val loss so far
+STARTED = "started.json"  # written when a worker begins: the driver's watchdog knows it got resources
+EPOCH_LOG = "epochs.log"  # one line per epoch executed (history.json is rebuilt from the checkpoint)
 EVAL_SPLITS = ("val", "test", "test_cf")
 
 
@@ -70,8 +73,9 @@ class Session:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def resume_file(self, run_dir: Path) -> Path | None:
-        """Ray's checkpoint on shared storage wins (cluster restarts); else our local file."""
+    def resume_file(self, run_dir: Path) -> tuple[Path, str] | None:
+        """(checkpoint, where it came from): Ray's checkpoint on shared storage wins (cluster
+        restarts); else our local file."""
         if self.in_ray:
             import ray.train
 
@@ -79,9 +83,9 @@ class Session:
             if checkpoint is not None:
                 local = Path(checkpoint.to_directory()) / LAST
                 if local.is_file():
-                    return local
+                    return local, "Ray storage checkpoint"
         path = run_dir / LAST
-        return path if path.is_file() else None
+        return (path, "local checkpoint") if path.is_file() else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         """A barrier in Ray: every rank calls it equally often; only rank 0 hands a checkpoint."""
@@ -228,6 +232,16 @@ def train_one_epoch(model, data, optimizer, criterion, cfg: Config, session: Ses
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
+def load_checkpoint(path: Path, arch: str) -> dict | None:
+    """A training checkpoint, or None (with a message) when it is truncated or unreadable: the
+    stage then starts over instead of ending in a traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, empty file: all mean "not a checkpoint"
+        say(f"[{arch}] {path} is unreadable ({type(err).__name__}: {err}); starting this stage over")
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -282,15 +296,17 @@ def train_func(loop_config: dict) -> None:
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(session.device))
 
     state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "finished": False, "history": []}
-    resume_from = session.resume_file(run_dir)
-    if resume_from is not None:
-        saved = torch.load(resume_from, map_location="cpu", weights_only=True)
+    resume = session.resume_file(run_dir)
+    saved = load_checkpoint(resume[0], cfg.model.arch) if resume is not None else None
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         if session.is_main:
-            say(f"[{cfg.model.arch}] resuming after epoch {state['epoch']} from {resume_from}")
+            say(f"[{cfg.model.arch}] resuming after epoch {state['epoch']} from the {resume[1]} {resume[0]}")
+    if session.is_main:
+        atomic_write_json(run_dir / STARTED, {"pid": os.getpid(), "time": time.time()})
 
     net = model
     if session.in_ray and session.world_size > 1:
@@ -328,6 +344,8 @@ def train_func(loop_config: dict) -> None:
 
         ray_dir = None
         if session.is_main:
+            with open(run_dir / EPOCH_LOG, "a") as handle:  # append-only: what really ran, resumed or not
+                handle.write(f"{epoch + 1} {os.getpid()}\n")
             if improved:
                 save_classifier(run_dir / BEST, model, cfg, epoch=epoch + 1)
             checkpoint = {
@@ -397,12 +415,13 @@ def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, trai
     each worker's torch threads (trainers sharing a machine); None leaves torch's default."""
     run_dir.mkdir(parents=True, exist_ok=True)
     workers = cfg.resources.num_workers
+    # Every path absolute: a Ray Train worker runs in a folder of its own.
     loop_config = {
-        "config": cfg.model_dump(mode="json"),
-        "records": str(records_path),
+        "config": cfg.with_absolute_paths().model_dump(mode="json"),
+        "records": str(Path(records_path).resolve()),
         "run_dir": str(run_dir.resolve()),
         "ray_checkpoints": workers > 0,
-        "train_shards": str(train_shards) if train_shards else None,
+        "train_shards": str(Path(train_shards).resolve()) if train_shards else None,
         "threads": threads,
     }
     if workers == 0:
@@ -417,6 +436,7 @@ def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, trai
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
+    (run_dir / STARTED).unlink(missing_ok=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -430,9 +450,58 @@ def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, trai
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    with _TRAINERS.watch(name, run_dir, cfg, use_gpu):
+        result = trainer.fit()
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())["flat"]
     # Rank 0 ran on another node: its final report carries the metrics.
     return {k: v for k, v in result.metrics.items() if k != "final"}
+
+
+class _TrainerWatch:
+    """The trainers this driver runs, and a watchdog for each: a trainer whose workers have not
+    started within `resources.stall_timeout_s`, while none of this driver's other trainers is
+    running (whose end would free resources), waits for something the cluster does not have."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[str, Path] = {}
+
+    def _started(self, run_dir: Path) -> bool:
+        return (run_dir / STARTED).is_file()
+
+    @contextmanager
+    def watch(self, name: str, run_dir: Path, cfg: Config, use_gpu: bool):
+        import ray
+
+        from cycle.resources import trainer_request, waiting_message
+        from cycle.watchdog import Watchdog
+
+        r = cfg.resources
+        request = trainer_request(r.num_workers, r.cpus_per_worker, r.gpus_per_worker, use_gpu)
+
+        def stalled() -> bool:
+            with self._lock:
+                others = [d for n, d in self._running.items() if n != name]
+            return not self._started(run_dir) and not any(self._started(d) for d in others)
+
+        def describe(waited: float) -> str:
+            return waiting_message(
+                f"training {name} ({r.num_workers} Ray Train worker(s))", waited, request,
+                ray.cluster_resources(), ray.available_resources(),
+                "give the cluster what one trainer asks for (`ray start --head --num-cpus N`, GPU nodes), or ask "
+                "for less (resources.cpus_per_worker, resources.num_workers, resources.use_gpu=false), or train "
+                "in the driver (resources.num_workers=0)")
+
+        with self._lock:
+            self._running[name] = run_dir
+        try:
+            with Watchdog(f"train {name}", r.stall_timeout_s, describe, stalled=stalled):
+                yield
+        finally:
+            with self._lock:
+                self._running.pop(name, None)
+
+
+_TRAINERS = _TrainerWatch()

@@ -34,6 +34,7 @@ def inprocess_shards_argument(parser: argparse.ArgumentParser) -> argparse.Argum
 
 def config_from(args: argparse.Namespace) -> Config:
     try:
-        return load_config(args.config, args.overrides)
+        # Absolute paths first: Ray Train and Tune run each worker in a folder of its own.
+        return load_config(args.config, args.overrides).with_absolute_paths()
     except ConfigError as err:
         sys.exit(f"error: {err}")

@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="classifier checkpoint (best.pt)")
     parser.add_argument("--lung-model", required=True, help="lung U-Net checkpoint (jobs/train_lungseg.py)")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--actors", type=int, default=1, help="Ray Data actors holding the models")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="at most this many Ray Data actors holding the models (default: sized from the cluster)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     args = parser.parse_args()
     cfg = _common.config_from(args)

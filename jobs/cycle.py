@@ -22,7 +22,8 @@ from pathlib import Path
 import _common
 
 from cycle.config import Config
-from cycle.io import atomic_write_json
+from cycle.io import LockHeld, atomic_write_json, folder_lock
+from cycle.run_config import RunConfigMismatch, check_run_config, saved_config
 
 
 def check_inputs(cfg: Config) -> None:
@@ -91,8 +92,17 @@ def main() -> None:
     args = parser.parse_args()
     cfg = _common.config_from(args)
     run_name = args.resume or args.run_name or cfg.run_name or time.strftime("cycle-%Y%m%d-%H%M%S")
-    if args.resume and not (Path(cfg.output_dir) / run_name).is_dir():
-        sys.exit(f"error: nothing to resume: {Path(cfg.output_dir) / run_name} does not exist")
+    run_dir = Path(cfg.output_dir) / run_name
+    if args.resume and not run_dir.is_dir():
+        sys.exit(f"error: nothing to resume: {run_dir} does not exist")
+    if args.resume and not (args.config or args.overrides):
+        # `--resume RUN` alone continues the run with the config it was made with.
+        cfg = saved_config(run_dir) or cfg
+        cfg = cfg.with_overrides({"output_dir": str(run_dir.parent)})
+    try:
+        check_run_config(run_dir, cfg)
+    except RunConfigMismatch as err:
+        sys.exit(f"error: {err}")
 
     from cycle.tracking import tracking_uri
 
@@ -105,9 +115,16 @@ def main() -> None:
     print(f"tracking     {tracking_uri(cfg) or 'MLflow default (sqlite:///mlflow.db)'}"
           f"{'' if cfg.tracking.enabled else ' (disabled)'}", flush=True)
     check_inputs(cfg)
+    try:
+        with folder_lock(run_dir, f"run {run_name}", wait=False, log=lambda m: print(m, file=sys.stderr)):
+            run(cfg, run_name, args.inprocess_shards)
+    except LockHeld as err:
+        sys.exit(f"error: {err}")
 
+
+def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
     from cycle.runner import Runner, summary_table, write_report
-    from cycle.tracking import Tracker
+    from cycle.tracking import Tracker, tracking_uri
 
     started = time.perf_counter()
     parent_file = Path(cfg.output_dir) / run_name / "mlflow_run.json"
@@ -119,7 +136,7 @@ def main() -> None:
             atomic_write_json(parent_file, {"run_id": tracker.run_id, "uri": tracking_uri(cfg)})
         if not (previous and same_store):
             tracker.log_config()
-        runner = Runner(cfg, run_name, tracker=tracker, inprocess_shards=args.inprocess_shards)
+        runner = Runner(cfg, run_name, tracker=tracker, inprocess_shards=inprocess_shards)
         state = runner.run()
         registered = register_best(cfg, runner, state, tracker)
         note = f"MLflow run {tracker.run_id} at {tracking_uri(cfg) or 'sqlite:///mlflow.db'}" if tracker.run else "tracking disabled"

@@ -95,17 +95,30 @@ def test_weights_path_round_trip(tmp_path):
 
 
 def test_pretrained_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
-    # Force the fault: no network and an empty weights cache.
+    """Force the fault where torchvision really downloads, not only on an offline machine."""
+    # An empty weights cache: a cached resnet18 file must not make this pass without the fault.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # set_dir() would override TORCH_HOME
+    calls = []
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("network is unreachable")
+    def offline(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("offline")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # WeightsEnum.get_state_dict calls the name imported into torchvision.models._api,
+    # not torch.hub.load_state_dict_from_url: patch it there.
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(PretrainedWeightsError) as err:
         build_model("resnet18", pretrained=True)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    assert calls == [url]  # the fake was really hit
+    assert isinstance(err.value.__cause__, urllib.error.URLError)
+    # The clear message: which model, where to put the file, and the other ways out.
     message = str(err.value)
-    assert "resnet18" in message and "offline" in message and "weights_path" in message
+    cache = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    assert "resnet18" in message and "offline" in message
+    assert url in message and str(cache) in message
+    assert "model.weights_path" in message and "model.pretrained=false" in message
 
 
 def test_pretrained_tinyvgg_is_refused():

@@ -1,7 +1,9 @@
-"""Ray Jobs and an MLflow server, for real, on loopback: `ray start --head`, `ray job submit
---working-dir . -- python jobs/cycle.py --config configs/smoke.yaml` against a running `mlflow
-server` (started by jobs/mlflow_server.sh), then the runs read back through MLflow's REST client.
-Token auth is on, as `ray start` sets it on Ray 2.59+. Only what this test started is stopped."""
+"""Ray Jobs and an MLflow server, for real, on loopback: `ray start --head` with the machine's own
+CPUs (2 here: no over-declared CPUs), `ray job submit --working-dir . -- python jobs/cycle.py
+--config configs/smoke.yaml` in the default config's shape (two architectures side by side, one
+Ray Train worker each, Ray Data shards) against a running `mlflow server` (started by
+jobs/mlflow_server.sh), then the runs read back through MLflow's REST client. Token auth is on,
+as `ray start` sets it on Ray 2.59+. Only what this test started is stopped."""
 
 import json
 import os
@@ -16,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from cycle.resources import plan_shard_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -73,7 +77,7 @@ def ray_head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Unix socket paths must stay under 108 bytes
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         cwd=tmp_path, env=env, start_new_session=True,
         stdout=open(tmp_path / "ray_head.log", "w"), stderr=subprocess.STDOUT)
@@ -85,21 +89,28 @@ def ray_head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _submit(address, env, args, runtime_env=None, timeout=900):
+    return subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps(runtime_env or {}), "--",
+         "python", "jobs/cycle.py", "--config", "configs/smoke.yaml", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(tmp_path, mlflow_server, ray_head):
     import mlflow
 
     address, env = ray_head
     out = tmp_path / "out"
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
-    submit = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "jobs/cycle.py", "--config", "configs/smoke.yaml", "--set", f"output_dir={out}",
-         "--run-name", "submitted"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    default_shape = ["--set", "resources.num_workers=1", "--set", "cycles.archs=[tinyvgg,resnet18]"]
+    submit = _submit(address, env, [*default_shape, "--set", f"output_dir={out}", "--run-name", "submitted"],
+                     {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
     assert "succeeded" in (submit.stdout + submit.stderr).lower()
-    assert "| tinyvgg | 1 |" in submit.stdout and (out / "submitted" / "report.md").is_file()
+    assert "| tinyvgg | 1 |" in submit.stdout and "| resnet18 | 0 |" in submit.stdout
+    assert (out / "submitted" / "report.md").is_file()
+    cpus = os.cpu_count()  # what `ray start --head` gives: 2 on the development machine and in CI
+    assert f"Ray Data: {plan_shard_pool({'CPU': cpus}).describe()}" in submit.stdout + submit.stderr
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)  # over HTTP: the REST API
     experiment = client.get_experiment_by_name("cycle-smoke")
@@ -107,7 +118,18 @@ def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(tmp_path, 
     parent = next(r for r in runs if r.data.tags.get("job") == "cycle")
     assert parent.info.status == "FINISHED" and parent.info.run_name == "submitted"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["cycle"] for r in children) == ["0", "1"]
+    assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children)[:2] == [("0", "resnet18"),
+                                                                                        ("0", "tinyvgg")]
     assert all("test_accuracy" in r.data.metrics for r in children)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "cycle_curves.png"}
     assert client.get_model_version_by_alias("cycle-classifier", "best").run_id == parent.info.run_id
+
+    # A trainer that asks for more CPUs than the cluster has: said and stopped, never a silent wait.
+    started = time.time()
+    stalled = _submit(address, env, ["--set", "resources.num_workers=1", "--set", f"resources.cpus_per_worker={cpus + 1}",
+                                     "--set", "resources.stall_timeout_s=15", "--set", f"output_dir={out}",
+                                     "--set", "tracking.enabled=false", "--run-name", "too-big"], timeout=300)
+    said = stalled.stdout + stalled.stderr
+    assert stalled.returncode != 0, said[-3000:]
+    assert "made no progress for" in said and f"{cpus + 1} CPU" in said and f"{cpus} CPU in all" in said, said[-3000:]
+    assert time.time() - started < 240

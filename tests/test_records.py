@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cycle.data.records as records_module
 from cycle.data.records import (
     DataError,
     Record,
@@ -124,14 +126,39 @@ def test_unreadable_file_raises_with_reason(tmp_path):
         load_grayscale(tmp_path / "missing.png")
 
 
-def test_scan_cache_remembers_verdicts(messy_tree, tmp_path):
+def test_scan_cache_remembers_verdicts(messy_tree, tmp_path, monkeypatch):
+    """Every image is decoded once; a rescan decodes only files whose size or mtime changed."""
+    decoded = []
+    real_load = records_module.load_grayscale
+
+    def counting_load(path, *args, **kwargs):
+        decoded.append(Path(path).name)  # list.append is atomic: safe from the scan's threads
+        return real_load(path, *args, **kwargs)
+
+    # Patch the name scan() calls, i.e. the one imported into cycle.data.records.
+    monkeypatch.setattr(records_module, "load_grayscale", counting_load)
     cache = tmp_path / "cache.json"
     first = scan(messy_tree, cache_path=cache)
     assert cache.is_file()
-    # A file changed after the first scan is re-checked, the rest come from the cache.
+    # Each candidate image exactly once: the kept ones and the ones that failed to decode.
+    failed = ["empty.jpeg", "notes.jpeg", "truncated.jpeg"]
+    assert sorted(decoded) == sorted([Path(r.path).name for r in first.records] + failed)
+
+    # Unchanged files come from the cache: not decoded at all.
+    decoded.clear()
+    again = scan(messy_tree, cache_path=cache)
+    assert decoded == []
+    assert again.records == first.records and again.skipped == first.skipped
+
+    # A changed file (new size; or same size, new mtime) is decoded again, once; the rest are not.
     target = messy_tree / "train" / "NORMAL" / "IM-0115-0001.jpeg"
     target.write_bytes(b"broken now")
+    touched = messy_tree / "test" / "NORMAL" / "IM-0300-0001.jpeg"
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    decoded.clear()
     second = scan(messy_tree, cache_path=cache)
+    assert sorted(decoded) == sorted([target.name, touched.name])
     assert len(second.records) == len(first.records) - 1
     assert any(s.path == str(target) for s in second.skipped)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from cycle.config import Config
 from cycle.data.phantom import spec_from_config, write_dataset
 from cycle.data.records import ScanResult, load_dataset
+from cycle.io import folder_lock
 
 
 def data_root(cfg: Config, verbose: bool = False) -> Path:
@@ -20,10 +21,17 @@ def data_root(cfg: Config, verbose: bool = False) -> Path:
             print(f"  phantoms: {done:,}/{total:,}", file=sys.stderr, flush=True)
 
     out = cfg.phantom_dir()
-    if verbose and not (out / "chest_xray" / "phantom.json").is_file():
-        print(f"generating phantom chest X-rays in {out} ...", file=sys.stderr, flush=True)
-    # A changed phantom spec regenerates the tree: it is derived data, owned by this output dir.
-    return write_dataset(out, spec_from_config(cfg.data.phantom), force=True, progress=report if verbose else None)
+    # Jobs share the phantoms: the second waits for the first to finish them, then reuses them.
+    with folder_lock(out, "the phantom data set", wait=True, log=_say):
+        if verbose and not (out / "chest_xray" / "phantom.json").is_file():
+            _say(f"generating phantom chest X-rays in {out} ...")
+        # A changed phantom spec regenerates the tree: it is derived data, owned by this output dir.
+        return write_dataset(out, spec_from_config(cfg.data.phantom), force=True,
+                             progress=report if verbose else None)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def prepare_records(cfg: Config, verbose: bool = False) -> ScanResult:

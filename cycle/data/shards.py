@@ -124,7 +124,10 @@ def load_shards(shard_dir: str | Path, verify: bool = True) -> tuple[list[Record
             records.append(Record(row["path"], int(row["label"]), row["split"], row["patient"]))
             films.append(decode_png(row["image"]))
             stats.append({k: row[k] for k in ("prob_pneumonia", "lung_share", "trusted", "donor", "cam_mean")})
-    return records, films, stats
+    # Rows in a fixed order (Ray Data writes shards in whatever order its tasks finish), so the
+    # sampler's seeded permutation picks the same films however the build was batched.
+    order = sorted(range(len(records)), key=lambda i: (records[i].split, records[i].path))
+    return [records[i] for i in order], [films[i] for i in order], [stats[i] for i in order]
 
 
 def read_shards_ray(shard_dir: str | Path, verify: bool = True):

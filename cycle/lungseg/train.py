@@ -209,11 +209,15 @@ def ensure_lung_model(cfg: Config, log=print) -> Path:
     if (out / "metrics.json").is_file():
         return out / BEST
     from cycle.data.prepare import data_root
+    from cycle.io import folder_lock
 
-    log(f"[lungseg] no lung model configured: training one on the phantom lung masks in {out}")
-    _, pairs, _ = find_pairs(data_root(cfg, verbose=True).parent, cfg.data.val_fraction, seed=cfg.seed,
-                             cache_dir=Path(cfg.output_dir) / "cache")
-    train_lungseg(cfg, pairs, out, log=log)
+    # Jobs share the cached model: the second waits for the first to train it, then reuses it.
+    with folder_lock(out, "the cached lung model", wait=True, log=log):
+        if not (out / "metrics.json").is_file():
+            log(f"[lungseg] no lung model configured: training one on the phantom lung masks in {out}")
+            _, pairs, _ = find_pairs(data_root(cfg, verbose=True).parent, cfg.data.val_fraction, seed=cfg.seed,
+                                     cache_dir=Path(cfg.output_dir) / "cache")
+            train_lungseg(cfg, pairs, out, log=log)
     return out / BEST
 
 

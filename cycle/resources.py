@@ -1,0 +1,83 @@
+"""What a stage asks Ray for, sized from what the cluster has, and what to say when it waits.
+
+Pure functions of a resources dict (`ray.cluster_resources()`), so the sizing rules are tested
+without Ray: a 2-CPU `ray start --head` must not hand every CPU to actors while Ray Data's read
+tasks wait for one more (a silent hang, see shared/RAY_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ShardPool:
+    actors: int  # EnhanceWorker actors
+    cpus_per_actor: float
+    gpus_per_actor: float
+    task_cpus: float  # what each read/decode task asks for
+    threads_per_actor: int  # torch threads inside an actor
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
+        return (f"{self.actors} actor(s) x ({self.cpus_per_actor:g} CPU{gpu}), "
+                f"decode tasks {self.task_cpus:g} CPU")
+
+
+MAX_SHARD_ACTORS = 8  # past this, more threads per actor beat more copies of both models
+
+
+def plan_shard_pool(cluster: dict, gpus_per_actor: float = 0.0, wanted: int | None = None) -> ShardPool:
+    """Size the EnhanceWorker pool so that actors never hold every CPU: one CPU (or half the
+    cluster, when it has fewer than two) is left to the read and decode tasks. On GPUs, one actor
+    per `gpus_per_actor` share of the GPUs. A cluster with no CPU yet (workers that scale from
+    zero) gets one 1-CPU actor: the autoscaler adds a node for it, and the stall watchdog speaks
+    if none comes."""
+    cpus = float(cluster.get("CPU", 0.0))
+    gpus = float(cluster.get("GPU", 0.0))
+    if cpus <= 0:
+        return ShardPool(1, 1.0, gpus_per_actor if gpus else 0.0, 1.0, 1)
+    if cpus < 2:
+        half = cpus / 2
+        return ShardPool(1, half, gpus_per_actor if gpus else 0.0, half, 1)
+    usable = cpus - 1.0
+    if gpus_per_actor > 0 and gpus > 0:
+        actors = max(1, min(int(gpus / gpus_per_actor), int(usable), MAX_SHARD_ACTORS))
+    else:
+        actors = max(1, min(int(usable), MAX_SHARD_ACTORS))
+        gpus_per_actor = 0.0
+    if wanted:
+        actors = max(1, min(actors, wanted))
+    per_actor = max(1.0, math.floor(usable / actors))
+    return ShardPool(actors, per_actor, gpus_per_actor, 1.0, int(per_actor))
+
+
+def trainer_request(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, use_gpu: bool) -> dict:
+    """What one TorchTrainer's worker group holds while it runs."""
+    request = {"CPU": num_workers * cpus_per_worker}
+    if use_gpu:
+        request["GPU"] = num_workers * gpus_per_worker
+    return request
+
+
+def fits(request: dict, cluster: dict) -> bool:
+    return all(cluster.get(name, 0.0) + 1e-9 >= amount for name, amount in request.items() if amount > 0)
+
+
+def format_resources(resources: dict) -> str:
+    shown = {k: v for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
+    parts = []
+    for name, value in shown.items():
+        parts.append(f"{value / 2**30:.1f} GiB memory" if name == "memory" else f"{value:g} {name}")
+    return ", ".join(parts) or "nothing"
+
+
+def waiting_message(what: str, waited_s: float, request: dict, cluster: dict, available: dict, remedy: str) -> str:
+    """The error a stalled stage ends with: what it waits for, what the cluster has, what to do."""
+    return (f"{what} made no progress for {waited_s:.0f} s, waiting for resources.\n"
+            f"  it asks for:        {format_resources(request)}\n"
+            f"  the cluster has:    {format_resources(cluster)} in all, {format_resources(available)} free now\n"
+            f"  to go on: {remedy}\n"
+            f"  (resources.stall_timeout_s sets how long a stage may wait; a rerun with --resume keeps "
+            f"finished stages)")
