@@ -33,10 +33,10 @@ class Section(BaseModel):
 class PhantomConfig(Section):
     out_dir: str | None = None  # default: {output_dir}/phantoms
     size: int = Field(256, ge=64, le=2048)
-    n_train: int = Field(1200, ge=8)
+    n_train: int = Field(800, ge=8)
     n_val: int = Field(16, ge=0)  # the Kaggle-like tiny val split; folded into train on load
-    n_test: int = Field(400, ge=4)
-    n_test_cf: int = Field(400, ge=0)
+    n_test: int = Field(300, ge=4)
+    n_test_cf: int = Field(300, ge=0)
     pneumonia_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     # P(tag | PNEUMONIA) = P(no tag | NORMAL) in train/val/test; reversed in test_cf.
     shortcut: float = Field(0.9, ge=0.5, le=1.0)
@@ -110,7 +110,7 @@ class CamConfig(Section):
 class LungsegConfig(Section):
     weights: str | None = None
     image_size: int = Field(96, ge=32, le=1024)
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0.0)
 
@@ -125,7 +125,7 @@ class EnhanceConfig(Section):
 
 
 class CyclesConfig(Section):
-    max: int = Field(2, ge=0)
+    max: int = Field(1, ge=0)
     archs: list[Arch] = Field(default_factory=lambda: ["tinyvgg", "resnet18"])
     epochs: int = Field(3, ge=1)
     lr: float = Field(3e-4, gt=0.0)

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import torch
 
+from cycle import faults
 from cycle.config import Config, config_hash
 from cycle.data.records import Record
 from cycle.data.shards import MANIFEST, OK, file_sha256, publish, read_manifest, write_manifest
@@ -298,6 +299,7 @@ def _write_part(tmp: Path, index: int, batch: dict) -> None:
     path = tmp / f"part-{index:05d}.parquet"
     pq.write_table(table, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
+    faults.reached("shards:part")
 
 
 def _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp: Path, batch_size: int,

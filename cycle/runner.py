@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cycle import faults
 from cycle.config import Config
 from cycle.data.records import ScanResult, records_of
 from cycle.io import atomic_write_json, atomic_write_text, folder_lock
@@ -47,11 +48,40 @@ class RunPaths:
 
     @staticmethod
     def done(stage_dir: Path) -> bool:
-        return (stage_dir / DONE).is_file()
+        """Marked done, and its outputs still readable: a stage whose files were truncated or
+        damaged since is redone (with a message), never trusted into a traceback later."""
+        if not (stage_dir / DONE).is_file():
+            return False
+        problem = damaged_outputs(stage_dir)
+        if problem:
+            log(f"[resume] {stage_dir}: {problem}; redoing this stage")
+            (stage_dir / DONE).unlink(missing_ok=True)
+            return False
+        return True
 
     @staticmethod
     def mark_done(stage_dir: Path, info: dict | None = None) -> None:
         atomic_write_json(stage_dir / DONE, {"finished": time.time(), **(info or {})})
+
+
+def damaged_outputs(stage_dir: Path) -> str | None:
+    """What is wrong with a finished stage's files, or None. Checks what later stages read."""
+    import torch
+
+    from cycle.data.shards import read_manifest
+
+    try:
+        if stage_dir.name == "shards":
+            read_manifest(stage_dir / "data", verify=True)
+            return None
+        json.loads((stage_dir / "metrics.json").read_text())
+        if stage_dir.name == "train":
+            torch.load(stage_dir / "best.pt", map_location="cpu", weights_only=True)
+        elif stage_dir.name == "evaluate":
+            dict(np.load(stage_dir / "panel.npz"))
+    except Exception as err:  # any unreadable file means the same: redo the stage
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 @dataclass
@@ -120,6 +150,12 @@ class Runner:
         from cycle.lungseg.train import ensure_lung_model
 
         records_path = self.paths.root / "records.json"
+        if records_path.is_file():
+            try:
+                ScanResult.load(records_path)
+            except Exception as err:  # truncated or damaged: scan again (verdicts are cached)
+                log(f"[resume] {records_path} is unreadable ({type(err).__name__}: {err}); scanning the data again")
+                records_path.unlink()
         if not records_path.is_file():
             prepare_records(self.cfg, verbose=True).save(records_path)
         lung_model = ensure_lung_model(self.cfg, log=log)
@@ -183,6 +219,7 @@ class Runner:
         val = evaluate_localization(train_dir / "best.pt", records_of(scan.records, "val"), self.cfg.cam.method,
                                     lung_model, seed=self.cfg.seed, cam_depth=self.cfg.cam.depth)
         metrics.update({f"val_{key}": value for key, value in val.items() if "_ci_" not in key})
+        faults.reached("evaluate")
         atomic_write_json(stage / "metrics.json", metrics)
         self.paths.mark_done(stage)
         return metrics
@@ -224,11 +261,18 @@ class Runner:
 
         train_dir = self.paths.stage(k, arch, "train")
         tracked = self.paths.stage(k, arch, "evaluate") / "mlflow_run.json"
-        if tracked.is_file() and json.loads(tracked.read_text()).get("parent") == self.tracker.run_id:
+        before = json.loads(tracked.read_text()) if tracked.is_file() else {}
+        if before.get("parent") != self.tracker.run_id:
+            before = {}
+        if before.get("complete"):
             return  # logged before the interruption
-        with Tracker(self.cfg, run_name=f"cycle{k}-{arch}", nested=True,
+        # A child run cut off half-way is reopened and completed, never left beside a second one.
+        with Tracker(self.cfg, run_name=f"cycle{k}-{arch}", nested=True, run_id=before.get("run_id"),
                      tags={"cycle": str(k), "arch": arch, "job_run": self.run_name}) as child:
-            child.log_config(arch_config(self.cfg, arch, k, train_dir / "best.pt"))
+            if child.run is not None:  # the run exists before anything is logged to it
+                atomic_write_json(tracked, {"run_id": child.run_id, "parent": self.tracker.run_id, "complete": False})
+            if not before:
+                child.log_config(arch_config(self.cfg, arch, k, train_dir / "best.pt"))
             for row in json.loads((train_dir / "history.json").read_text()):
                 child.log_metrics({key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"])
             child.log_metrics(metrics)
@@ -236,8 +280,10 @@ class Runner:
                 child.log_artifact(picture, "pictures")
             if shards is not None:
                 child.log_artifact(shards / "manifest.json", "shards")
+            faults.reached("track")
             child.log_artifact(train_dir / "metrics.json")
-            atomic_write_json(tracked, {"run_id": child.run_id, "parent": self.tracker.run_id})
+            if child.run is not None and not Tracker.lost:  # else --resume logs it from the files on disk
+                atomic_write_json(tracked, {"run_id": child.run_id, "parent": self.tracker.run_id, "complete": True})
 
     def pictures(self, k: int, arch: str) -> list[Path]:
         from cycle import plots

@@ -8,10 +8,13 @@ file, `mlflow.db`, in the working directory; no server needed).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cycle import faults
 from cycle.config import Config
 
 
@@ -30,8 +33,25 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def server_answers(uri: str | None) -> bool:
+    if not uri or not uri.startswith(("http://", "https://")):
+        return True  # a local store is a file: it does not go away
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        return True
+    except OSError:
+        return False
+
+
 class Tracker:
-    """A context manager around one MLflow run (nested under an active run when asked)."""
+    """A context manager around one MLflow run (nested under an active run when asked).
+
+    A tracking server that stops answering mid-job does not stop the job: the first failed call
+    switches tracking off for the rest of the process (`Tracker.lost` says why), and what was not
+    logged stays on disk beside the run (every stage's files, `mlflow_run.json` marking a child
+    run incomplete), so `--resume` logs it once the server is back."""
+
+    lost: str | None = None  # shared by every Tracker of the process
 
     def __init__(self, cfg: Config, run_name: str, nested: bool = False, tags: Mapping[str, str] | None = None,
                  run_id: str | None = None):
@@ -45,43 +65,76 @@ class Tracker:
         self.run = None
 
     def __enter__(self) -> Tracker:
-        if not self.enabled:
+        if not self.enabled or Tracker.lost:
             return self
         import mlflow
 
         uri = tracking_uri(self.cfg)
-        if uri:
-            mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(self.cfg.tracking.experiment)
-        if self.resume_id is not None:
-            self.run = mlflow.start_run(run_id=self.resume_id, nested=self.nested)
-        else:
-            self.run = mlflow.start_run(run_name=self.run_name, nested=self.nested, tags=self.tags)
+        if uri and uri.startswith(("http://", "https://")):
+            # Fail in seconds, not MLflow's default of minutes of retries per call.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+        def start():
+            if uri:
+                mlflow.set_tracking_uri(uri)
+            mlflow.set_experiment(self.cfg.tracking.experiment)
+            if self.resume_id is not None:
+                return mlflow.start_run(run_id=self.resume_id, nested=self.nested)
+            return mlflow.start_run(run_name=self.run_name, nested=self.nested, tags=self.tags)
+
+        self.run = self._guard("start a run", start)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.run is not None:
             import mlflow
 
-            mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
             self.run = None
+            if Tracker.lost:
+                return  # left RUNNING on the server; --resume reopens and finishes it
+            try:
+                mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+            except Exception as err:
+                self._lose(err, "end a run")
+
+    def _guard(self, what: str, call: Callable):
+        """Run one MLflow call; if the server has gone, note it and carry on without tracking."""
+        if Tracker.lost:
+            return None
+        try:
+            return call()
+        except Exception as err:
+            if server_answers(tracking_uri(self.cfg)):
+                raise  # the server is there: a real mistake, not an outage
+            self._lose(err, what)
+            return None
+
+    def _lose(self, err: Exception, what: str) -> None:
+        Tracker.lost = f"could not {what} ({type(err).__name__}: {str(err)[:200]})"
+        print(f"warning: MLflow at {tracking_uri(self.cfg)} stopped answering: {Tracker.lost}. The job goes on; "
+              "what it could not log stays beside the run and is logged by --resume.", file=sys.stderr, flush=True)
 
     @property
     def run_id(self) -> str | None:
         return self.run.info.run_id if self.run is not None else None
 
+    @property
+    def active(self) -> bool:
+        return self.run is not None and not Tracker.lost
+
     def log_config(self, cfg: Config | None = None) -> None:
-        if self.run is None:
+        if not self.active:
             return
         import mlflow
 
         params = {k: ("null" if v is None else str(v)) for k, v in flatten((cfg or self.cfg).model_dump(mode="json")).items()}
         items = sorted(params.items())
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
-            mlflow.log_params(dict(items[start : start + 100]))
+            self._guard("log params", lambda chunk=dict(items[start : start + 100]): mlflow.log_params(chunk))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self.run is None:
+        if not self.active:
             return
         import math
 
@@ -89,39 +142,64 @@ class Tracker:
 
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
         if clean:
-            mlflow.log_metrics(clean, step=step)
+            self._guard("log metrics", lambda: mlflow.log_metrics(clean, step=step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.run is not None and Path(path).exists():
+        if self.active and Path(path).exists():
             import mlflow
 
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            self._guard("log an artifact", lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.active:
+            import mlflow
+
+            self._guard("set tags", lambda: mlflow.set_tags(dict(tags)))
 
     def log_model(self, model, input_example, name: str = "model", registered_model_name: str | None = None):
         """MLflow 3 saves PyTorch models as exported graphs (pt2), traced on `input_example`."""
-        if self.run is None:
+        if not self.active:
             return None
         import mlflow.pytorch
 
-        return mlflow.pytorch.log_model(model.eval(), name=name, input_example=input_example,
-                                        registered_model_name=registered_model_name)
+        return self._guard("log a model", lambda: mlflow.pytorch.log_model(
+            model.eval(), name=name, input_example=input_example, registered_model_name=registered_model_name))
 
     def register_classifier(self, checkpoint: str | Path, alias: str, name: str = "model") -> str | None:
         """A classifier checkpoint -> this run's model, registered as tracking.registered_model_name
         with `alias` pointing at the new version; returns the version (None when not tracking)."""
-        if self.run is None:
+        if not self.active:
             return None
+        return self._guard("register a model", lambda: self._register(checkpoint, alias, name))
+
+    def _register(self, checkpoint: str | Path, alias: str, name: str) -> str | None:
         import mlflow
+        import mlflow.pytorch
         import numpy as np
 
         from cycle.checkpoint import load_classifier
+        from cycle.data.shards import file_sha256
 
-        model, pre = load_classifier(checkpoint)
-        example = np.zeros((1, 1, pre.size, pre.size), np.float32)
         registry = self.cfg.tracking.registered_model_name
-        info = self.log_model(model, example, name=name, registered_model_name=registry)
-        version = getattr(info, "registered_model_version", None)
-        if version is not None:
-            mlflow.MlflowClient().set_registered_model_alias(registry, alias, str(version))
-        return None if version is None else str(version)
+        client = mlflow.MlflowClient()
+        digest = file_sha256(checkpoint)
+        # Exactly once per (run, checkpoint): a job killed after registering, then resumed, finds
+        # its version instead of adding another.
+        version = next((v.version for v in self._versions_of_this_run(client, registry)
+                        if v.tags.get("checkpoint_sha256") == digest), None)
+        if version is None:
+            model, pre = load_classifier(checkpoint)
+            example = np.zeros((1, 1, pre.size, pre.size), np.float32)
+            info = mlflow.pytorch.log_model(model.eval(), name=name, input_example=example)
+            # The tag comes with the version in one call: no version exists without it.
+            version = mlflow.register_model(info.model_uri, registry, tags={"checkpoint_sha256": digest}).version
+            faults.reached("register")
+        client.set_registered_model_alias(registry, alias, str(version))
+        return str(version)
+
+    def _versions_of_this_run(self, client, registry: str) -> list:
+        try:
+            return list(client.search_model_versions(f"name='{registry}' and run_id='{self.run_id}'"))
+        except Exception:  # no such registered model yet
+            return []
 

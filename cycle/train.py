@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cycle import faults
 from cycle.checkpoint import model_meta, save_classifier
 from cycle.config import Config
 from cycle.data.dataset import EpochShuffle, ImageDataset
@@ -226,6 +227,7 @@ def train_one_epoch(model, data, optimizer, criterion, cfg: Config, session: Ses
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        faults.reached("train:step")
         total_loss += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
@@ -298,6 +300,8 @@ def train_func(loop_config: dict) -> None:
     state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "finished": False, "history": []}
     resume = session.resume_file(run_dir)
     saved = load_checkpoint(resume[0], cfg.model.arch) if resume is not None else None
+    if saved is not None and load_checkpoint(run_dir / BEST, cfg.model.arch) is None:
+        saved = None  # the weights chosen so far are lost: only a fresh start chooses them again
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

@@ -62,10 +62,10 @@ def check_inputs(cfg: Config) -> None:
 def register_best(cfg: Config, runner, state, tracker) -> str | None:
     """The job's product -> registry: each architecture's last cycle (what the refinement made),
     and of those the one with the highest val accuracy (test never chooses)."""
-    if tracker.run is None:
-        return None
-    import mlflow
+    from cycle.tracking import Tracker
 
+    if not tracker.active:
+        return None
     best = max(((cycles[-1]["val_accuracy"], len(cycles) - 1, arch) for arch, cycles in state.results.items()
                 if cycles), default=None)
     if best is None:
@@ -77,7 +77,9 @@ def register_best(cfg: Config, runner, state, tracker) -> str | None:
     if done.get("run_id") == tracker.run_id and (done.get("arch"), done.get("cycle")) == (arch, k):
         return done["message"]
     version = tracker.register_classifier(runner.paths.stage(k, arch, "train") / "best.pt", alias="best")
-    mlflow.set_tags({"best_arch": arch, "best_cycle": str(k)})
+    tracker.set_tags({"best_arch": arch, "best_cycle": str(k)})
+    if version is None or Tracker.lost:
+        return None
     message = f"{cfg.tracking.registered_model_name} v{version} (alias 'best'): {arch}, cycle {k}"
     atomic_write_json(record, {"run_id": tracker.run_id, "arch": arch, "cycle": k, "message": message})
     return message
@@ -153,6 +155,10 @@ def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
     print(f"report       {report}")
     print(f"mlflow       {note}  (browse: mlflow ui --host 127.0.0.1)")
     print(f"finished in {time.perf_counter() - started:.0f}s")
+    if Tracker.lost:
+        sys.exit(f"error: the run finished, but MLflow stopped answering ({Tracker.lost}); what it could not log "
+                 f"is kept beside the run: once the server is back, `python jobs/cycle.py --resume {run_name}` "
+                 "(with the same --config/--set) logs it")
 
 
 if __name__ == "__main__":

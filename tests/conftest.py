@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,3 +43,54 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without the token: Ray's token auth is on)
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
+    """`jobs/mlflow_server.sh` on loopback with its store under `root`; returns once it answers."""
+    env = {**os.environ, "MLFLOW_SERVER_ROOT": str(root)}
+    server = subprocess.Popen(["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--port", str(port)],
+                              cwd=root.parent, env=env, start_new_session=True,
+                              stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    wait_for(f"http://127.0.0.1:{port}/health", server)
+    return server
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "mlflow-server", port, tmp_path / "mlflow.log")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(server)

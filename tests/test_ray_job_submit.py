@@ -8,16 +8,13 @@ as `ray start` sets it on Ray 2.59+. Only what this test started is stopped."""
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, stop, wait_for
 
 from cycle.resources import plan_shard_pool
 
@@ -25,54 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except urllib.error.HTTPError:
-            return  # it answers (401 without the token: Ray's token auth is on)
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(url)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ROOT": str(tmp_path / "mlflow-server")}
-    server = subprocess.Popen(["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--port", str(port)],
-                              cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        _wait_for(f"http://127.0.0.1:{port}/health", server)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        _stop(server)
-
-
 @pytest.fixture()
 def ray_head(tmp_path):
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Unix socket paths must stay under 108 bytes
     head = subprocess.Popen(
@@ -82,10 +34,10 @@ def ray_head(tmp_path):
         cwd=tmp_path, env=env, start_new_session=True,
         stdout=open(tmp_path / "ray_head.log", "w"), stderr=subprocess.STDOUT)
     try:
-        _wait_for(f"http://127.0.0.1:{dashboard}/api/version", head, timeout=180)
+        wait_for(f"http://127.0.0.1:{dashboard}/api/version", head, timeout=180)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        _stop(head)
+        stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
