@@ -309,8 +309,11 @@ def train_func(loop_config: dict) -> None:
         state = saved["state"]
         if session.is_main:
             say(f"[{cfg.model.arch}] resuming after epoch {state['epoch']} from the {resume[1]} {resume[0]}")
-    if session.is_main:
-        atomic_write_json(run_dir / STARTED, {"pid": os.getpid(), "time": time.time()})
+    if session.is_main:  # also says where a resume came from (the tests check it)
+        atomic_write_json(run_dir / STARTED, {
+            "pid": os.getpid(), "time": time.time(), "resumed_after_epoch": state["epoch"],
+            "resumed_from": str(resume[0]) if saved is not None else None,
+            "resume_source": resume[1] if saved is not None else None})
 
     net = model
     if session.in_ray and session.world_size > 1:

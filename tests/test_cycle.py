@@ -72,6 +72,27 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
     assert client.get_model_version_by_alias("cycle-classifier", "best").version == version.version
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_default_shape_runs_from_another_folder_with_a_relative_output_dir(smoke_run, tmp_path):
+    """What users run: two architectures side by side, one Ray Train worker each (each in a folder
+    of its own, where a relative path handed from the driver would point nowhere), Ray Data shards,
+    a relative output_dir, started from a folder that is not the repo."""
+    out, _, _ = smoke_run
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
+    proc = _run(["--set", "output_dir=rel/out", "--set", "resources.num_workers=1",
+                 "--set", "cycles.archs=[tinyvgg,resnet18]", "--set", "tracking.enabled=false",
+                 "--set", f"data.phantom.out_dir={out / 'phantoms'}",
+                 "--set", f"lungseg.weights={next((out / 'lungseg').glob('*/best.pt'))}", "--run-name", "shape"],
+                elsewhere)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| tinyvgg | 1 |" in proc.stdout and "| resnet18 | 1 |" in proc.stdout
+    assert "training tinyvgg, resnet18 side by side" in proc.stderr
+    assert (elsewhere / "rel" / "out" / "shape" / "report.md").is_file()
+    assert (elsewhere / "rel" / "out" / "shape" / "cycle_1" / "resnet18" / "shards" / "data" / "manifest.json").is_file()
+
+
 def _numbers(results: dict) -> dict:
     return {(arch, k, key): v for arch, cycles in results.items() for k, m in enumerate(cycles)
             for key, v in m.items() if isinstance(v, (int, float))}
@@ -126,6 +147,31 @@ def test_a_job_killed_anywhere_resumes_to_the_uninterrupted_answer(smoke_run, tm
 
     again = _run(common + ["--resume", "killed"], tmp_path)  # everything done: nothing re-runs
     assert again.returncode == 0 and "training" not in again.stderr
+    if point == KILL_POINTS[-1]:  # once is enough: files damaged after the run finished
+        _damaged_files_are_redone(tmp_path / "killed", common, reference)
+
+
+def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict) -> None:
+    """Truncated outputs of finished stages (and a damaged shard file and records.json) make those
+    stages redo themselves with a message, never a traceback, to the same answer."""
+    def truncate(path: Path) -> None:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    truncate(run_dir / "records.json")
+    truncate(run_dir / "cycle_0" / "tinyvgg" / "train" / "best.pt")
+    truncate(next((run_dir / "cycle_1" / "tinyvgg" / "shards" / "data").glob("*.parquet")))
+    truncate(run_dir / "cycle_1" / "tinyvgg" / "train" / "last.pt")
+    (run_dir / "cycle_1" / "tinyvgg" / "train" / "DONE").unlink()  # an unfinished stage with a broken last.pt
+    proc = _run(common + ["--resume", run_dir.name], run_dir.parent)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in said, said[-4000:]
+    assert "records.json is unreadable" in said
+    assert "cycle_0/tinyvgg/train: " in said and "redoing this stage" in said
+    assert "cycle_1/tinyvgg/shards: " in said
+    assert "last.pt is unreadable" in said and "starting this stage over" in said
+    resumed = json.loads((run_dir / "results.json").read_text())["results"]
+    assert _numbers(resumed) == pytest.approx(_numbers(reference), abs=1e-6, nan_ok=True)
 
 
 @pytest.mark.slow
@@ -192,6 +238,20 @@ def test_mistakes_fail_fast_with_a_clear_message(tmp_path, args, env, message):
     proc = _run(args, tmp_path, timeout=60, env=env)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - started < 30
+
+
+@pytest.mark.parametrize("how", ["--run-name", "--resume"])
+def test_a_run_with_another_config_is_refused_in_seconds(tmp_path, how):
+    from cycle.config import load_config
+    from cycle.run_config import record_run_config
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"output_dir={tmp_path}"]).with_absolute_paths()
+    record_run_config(tmp_path / "earlier", cfg)
+    started = time.time()
+    proc = _run(["--set", f"output_dir={tmp_path}", "--set", "train.lr=0.5", how, "earlier"], tmp_path, timeout=60)
+    assert proc.returncode != 0
+    assert "was made with another config" in proc.stderr and "train.lr: 0.001 -> 0.5" in proc.stderr
     assert time.time() - started < 30
 
 

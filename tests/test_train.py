@@ -9,7 +9,7 @@ import torch
 import cycle.train as train_module
 from cycle.config import load_config
 from cycle.data.records import load_dataset
-from cycle.train import BEST, LAST, run_training, train_func
+from cycle.train import BEST, EPOCH_LOG, LAST, STARTED, run_training, train_func
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +22,10 @@ def _setup(tmp_path, phantom_root, *overrides):
     scan = load_dataset(phantom_root, val_fraction=0.25, seed=0, cache_dir=tmp_path / "cache")
     records = scan.save(tmp_path / "records.json")
     return cfg, records
+
+
+def _epochs_run(run_dir):
+    return [int(line.split()[0]) for line in (run_dir / EPOCH_LOG).read_text().splitlines()]
 
 
 def _loop_config(cfg, records, run_dir):
@@ -57,6 +61,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, phantom_root
     assert [h["train_loss"] for h in a["state"]["history"]] == pytest.approx(
         [h["train_loss"] for h in b["state"]["history"]], abs=1e-6
     )
+    # Epochs really executed (history.json is rebuilt from the checkpoint): a restart from
+    # scratch would show epoch 1 twice.
+    assert _epochs_run(tmp_path / "resumed") == _epochs_run(tmp_path / "straight") == [1, 2, 3]
     ma = json.loads((tmp_path / "straight" / "metrics.json").read_text())["flat"]
     mb = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["flat"]
     assert ma == pytest.approx(mb, abs=1e-6, nan_ok=True)
@@ -119,8 +126,14 @@ def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_
     thread.join(timeout=600)
     assert "metrics" in outcome  # fit() succeeded after the restart
     history = json.loads((run_dir / "history.json").read_text())
-    assert [row["epoch"] for row in history] == list(range(1, 7))  # resumed: no epoch repeated or lost
+    assert [row["epoch"] for row in history] == list(range(1, 7))
+    assert _epochs_run(run_dir) == list(range(1, 7))  # executed: none repeated, none lost
     assert epochs_before < 6
+    # The restarted worker restored from Ray's checkpoint on storage_path, not the local last.pt.
+    started = json.loads((run_dir / STARTED).read_text())
+    assert started["resume_source"] == "Ray storage checkpoint", started
+    assert started["resumed_after_epoch"] >= epochs_before >= 1
+    assert not started["resumed_from"].startswith(str(run_dir))
 
 
 @pytest.mark.ray
