@@ -232,7 +232,7 @@ def build_shards(
         _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp, batch_size, threads_per_actor)
     else:
         _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp, batch_size, num_actors,
-                             gpus_per_actor, log)
+                             gpus_per_actor, threads_per_actor, log)
     manifest = write_manifest(tmp, key, len(paths), extra={
         "mode": cfg.enhance.mode, "strength": cfg.enhance.strength, "trust_threshold": cfg.enhance.trust_threshold,
         "fallback": cfg.enhance.fallback, "classifier": str(classifier_path), "lung_model": str(lung_model_path),
@@ -246,7 +246,7 @@ def build_shards(
 
 
 def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp: Path, batch_size: int,
-                         wanted_actors: int | None, gpus_per_actor: float, log) -> None:
+                         wanted_actors: int | None, gpus_per_actor: float, threads: int | None, log) -> None:
     """Decode tasks -> EnhanceWorker actors, sized from the cluster; this driver writes each
     output batch as it arrives (progress shown, a stall named and ended by the watchdog)."""
     import ray
@@ -268,7 +268,7 @@ def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, t
         num_gpus=pool.gpus_per_actor,
         num_cpus=pool.cpus_per_actor,
         fn_constructor_kwargs={"classifier_path": str(classifier_path), "lung_model_path": str(lung_model_path),
-                               "settings": worker_settings(cfg), "threads": pool.threads_per_actor},
+                               "settings": worker_settings(cfg), "threads": threads or pool.threads_per_actor},
     )
     request = {"CPU": pool.actors * pool.cpus_per_actor + pool.task_cpus, "GPU": pool.actors * pool.gpus_per_actor}
 

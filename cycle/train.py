@@ -38,6 +38,7 @@ from cycle.models import Classifier, build_model
 LAST = "last.pt"  # model, optimiser, scheduler, epoch, early-stopping state, history
 BEST = "best.pt"  # model weights with the lowest val loss so far
 STARTED = "started.json"  # written when a worker begins: the driver's watchdog knows it got resources
+RAY_EPOCH = "epoch.json"  # beside last.pt in Ray's checkpoint: which epoch it holds
 EPOCH_LOG = "epochs.log"  # one line per epoch executed (history.json is rebuilt from the checkpoint)
 EVAL_SPLITS = ("val", "test", "test_cf")
 
@@ -75,17 +76,21 @@ class Session:
         return self.rank == 0
 
     def resume_file(self, run_dir: Path) -> tuple[Path, str] | None:
-        """(checkpoint, where it came from): Ray's checkpoint on shared storage wins (cluster
-        restarts); else our local file."""
+        """(checkpoint, where it came from): Ray's checkpoint on shared storage (a restarted
+        worker, maybe on another node), unless this node's own last.pt is newer (Ray registers a
+        checkpoint a moment after the epoch ends: a worker killed in between would redo it)."""
+        path = run_dir / LAST
         if self.in_ray:
             import ray.train
 
             checkpoint = ray.train.get_checkpoint()
             if checkpoint is not None:
-                local = Path(checkpoint.to_directory()) / LAST
-                if local.is_file():
-                    return local, "Ray storage checkpoint"
-        path = run_dir / LAST
+                folder = Path(checkpoint.to_directory())
+                ray_epoch = json.loads((folder / RAY_EPOCH).read_text())["epoch"] if (folder / RAY_EPOCH).is_file() else math.inf
+                history = run_dir / "history.json"
+                local_epoch = len(json.loads(history.read_text())) if path.is_file() and history.is_file() else -1
+                if (folder / LAST).is_file() and ray_epoch >= local_epoch:
+                    return folder / LAST, "Ray storage checkpoint"
         return (path, "local checkpoint") if path.is_file() else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
@@ -104,10 +109,12 @@ class Session:
 # Pieces
 
 
-def stage_for_ray(last: Path, ray_dir: Path) -> Path:
+def stage_for_ray(last: Path, ray_dir: Path, epoch: int) -> Path:
     """The folder Ray copies to storage_path: last.pt hard-linked in (no second write of the
-    whole checkpoint each epoch), a copy where links are not possible."""
+    whole checkpoint each epoch), a copy where links are not possible, and its epoch (read on
+    resume without loading the checkpoint)."""
     ray_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(ray_dir / RAY_EPOCH, {"epoch": epoch})
     target = ray_dir / LAST
     tmp = ray_dir / f".{LAST}.tmp"
     tmp.unlink(missing_ok=True)
@@ -364,7 +371,7 @@ def train_func(loop_config: dict) -> None:
             }
             atomic_torch_save(run_dir / LAST, checkpoint)
             if session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)
-                ray_dir = stage_for_ray(run_dir / LAST, run_dir / "ray_checkpoint")
+                ray_dir = stage_for_ray(run_dir / LAST, run_dir / "ray_checkpoint", state["epoch"])
             atomic_write_json(run_dir / "history.json", state["history"])
             note = " (best)" if improved else ""
             note += " - early stop" if stop_early and state["epoch"] < cfg.train.epochs else ""

@@ -4,8 +4,9 @@
     ray job submit --working-dir . -- python jobs/cycle.py --config configs/smoke.yaml
 
 With no arguments: phantom chest X-rays (generated if missing), a lung U-Net (trained once if
-missing), baseline + 2 cycles for tinyvgg and resnet18 on a local Ray, tracked in the local
-MLflow store. Rerunning with the same run name (--resume RUN) skips finished stages.
+missing), baseline + 1 cycle for tinyvgg and resnet18 on a local Ray, tracked in the local
+MLflow store. `--resume RUN` skips finished stages (alone, it uses the run's own config.yaml); a
+run folder made with another config is refused, naming the keys that differ.
 """
 
 from __future__ import annotations
