@@ -15,6 +15,7 @@ import yaml
 
 from cycle.config import Config, ConfigError, config_hash, dump_yaml, validate_config
 from cycle.io import atomic_write_json, atomic_write_text
+from cycle.tracking import flatten
 
 SAVED_CONFIG = "config.yaml"
 RUN_INFO = "run.json"
@@ -26,17 +27,8 @@ class RunConfigMismatch(ConfigError):
     """The run folder was made with another config."""
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
-    return out
-
-
 def _relevant(cfg: Config) -> dict[str, Any]:
-    flat = _flat(cfg.model_dump(mode="json"))
+    flat = flatten(cfg.model_dump(mode="json"))
     return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NEUTRAL_KEYS)}
 
 
