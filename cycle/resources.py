@@ -61,10 +61,6 @@ def trainer_request(num_workers: int, cpus_per_worker: float, gpus_per_worker: f
     return request
 
 
-def fits(request: dict, cluster: dict) -> bool:
-    return all(cluster.get(name, 0.0) + 1e-9 >= amount for name, amount in request.items() if amount > 0)
-
-
 def format_resources(resources: dict) -> str:
     shown = {k: v for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
     parts = []

@@ -84,6 +84,11 @@ def damaged_outputs(stage_dir: Path) -> str | None:
     return None
 
 
+def claim_run(root: Path):
+    """Hold a run's folder for the block: a second job on the same run is refused at once."""
+    return folder_lock(root, f"run {root.name}", wait=False, log=log)
+
+
 @dataclass
 class CycleState:
     results: dict[str, list[dict]] = field(default_factory=dict)  # arch -> metrics per cycle
@@ -139,8 +144,7 @@ class Runner:
             init_ray(cfg)  # else nothing here needs Ray: a single GPU box without it runs the cycle too
 
     def claim(self):
-        """Hold this run's folder for the block: a second job on the same run is refused at once."""
-        return folder_lock(self.paths.root, f"run {self.run_name}", wait=False, log=log)
+        return claim_run(self.paths.root)
 
     # -- stages ----------------------------------------------------------------------------------
 

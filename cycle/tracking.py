@@ -33,14 +33,16 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def server_answers(uri: str | None) -> bool:
+def server_problem(uri: str | None) -> str | None:
+    """Why a tracking server does not answer its /health, or None (also for a local store: a
+    file does not go away)."""
     if not uri or not uri.startswith(("http://", "https://")):
-        return True  # a local store is a file: it does not go away
+        return None
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as err:
+        return str(err)
 
 
 class Tracker:
@@ -105,7 +107,7 @@ class Tracker:
         try:
             return call()
         except Exception as err:
-            if server_answers(tracking_uri(self.cfg)):
+            if server_problem(tracking_uri(self.cfg)) is None:
                 raise  # the server is there: a real mistake, not an outage
             self._lose(err, what)
             return None

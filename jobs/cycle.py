@@ -17,14 +17,15 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import _common
 
 from cycle.config import Config
-from cycle.io import LockHeld, atomic_write_json, folder_lock
+from cycle.io import LockHeld, atomic_write_json
 from cycle.run_config import RunConfigMismatch, check_run_config, saved_config
+from cycle.runner import claim_run
+from cycle.tracking import Tracker, server_problem, tracking_uri
 
 
 def check_inputs(cfg: Config) -> None:
@@ -51,20 +52,16 @@ def check_inputs(cfg: Config) -> None:
             Path(storage).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             sys.exit(f"error: resources.storage_path {storage} is not writable: {err.strerror or err}")
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if cfg.tracking.enabled and uri and uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        except OSError as err:
-            sys.exit(f"error: MLflow tracking server {uri} is not reachable ({err}); start it or unset "
-                     "MLFLOW_TRACKING_URI / tracking.uri to use the local store")
+    uri = tracking_uri(cfg)
+    problem = server_problem(uri) if cfg.tracking.enabled else None
+    if problem:
+        sys.exit(f"error: MLflow tracking server {uri} is not reachable ({problem}); start it or unset "
+                 "MLFLOW_TRACKING_URI / tracking.uri to use the local store")
 
 
 def register_best(cfg: Config, runner, state, tracker) -> str | None:
     """The job's product -> registry: each architecture's last cycle (what the refinement made),
     and of those the one with the highest val accuracy (test never chooses)."""
-    from cycle.tracking import Tracker
-
     if not tracker.active:
         return None
     best = max(((cycles[-1]["val_accuracy"], len(cycles) - 1, arch) for arch, cycles in state.results.items()
@@ -107,8 +104,6 @@ def main() -> None:
     except RunConfigMismatch as err:
         sys.exit(f"error: {err}")
 
-    from cycle.tracking import tracking_uri
-
     print(f"run          {run_name} -> {Path(cfg.output_dir) / run_name}")
     print(f"data         {cfg.data.root or f'phantoms in {cfg.phantom_dir()}'}")
     print(f"archs        {', '.join(cfg.cycles.archs)}; baseline + {cfg.cycles.max} cycle(s) "
@@ -119,7 +114,7 @@ def main() -> None:
           f"{'' if cfg.tracking.enabled else ' (disabled)'}", flush=True)
     check_inputs(cfg)
     try:
-        with folder_lock(run_dir, f"run {run_name}", wait=False, log=lambda m: print(m, file=sys.stderr)):
+        with claim_run(run_dir):
             run(cfg, run_name, args.inprocess_shards)
     except LockHeld as err:
         sys.exit(f"error: {err}")
@@ -127,8 +122,6 @@ def main() -> None:
 
 def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
     from cycle.runner import Runner, summary_table, write_report
-    from cycle.tracking import Tracker, tracking_uri
-
     started = time.perf_counter()
     parent_file = Path(cfg.output_dir) / run_name / "mlflow_run.json"
     previous = json.loads(parent_file.read_text()) if parent_file.is_file() else {}
