@@ -115,9 +115,9 @@ def train_step(root: Path, data: Path, size: int, amp: bool, epochs: int) -> dic
 def shard_worker_step(root: Path, data: Path, size: int) -> dict:
     from cycle.config import load_config as load
     from cycle.data.records import ScanResult, records_of
-    from cycle.explain import EnhanceWorker, iter_enhanced, worker_settings
-    from cycle.lungs import save_lung_model
-    from cycle.models.unet import build_unet
+    from cycle.lungseg.masks import save_lung_model
+    from cycle.lungseg.unet import build_unet
+    from cycle.shard_builder import EnhanceWorker, iter_enhanced, worker_settings
 
     cfg = load(None, [f"output_dir={root}", "model.arch=resnet50", f"data.image_size={size}", "cam.batch_size=64"])
     unet_path = root / "unet.pt"
@@ -132,8 +132,8 @@ def shard_worker_step(root: Path, data: Path, size: int) -> dict:
 
 
 def lungseg_step(root: Path, data: Path) -> dict:
-    from cycle.lungs import load_lung_model, predict
     from cycle.lungseg.data import find_pairs
+    from cycle.lungseg.masks import load_lung_model, predict
     from cycle.lungseg.train import train_lungseg
 
     cfg = load_config(None, [f"output_dir={root}", "lungseg.epochs=1", "lungseg.image_size=256",

@@ -1,4 +1,4 @@
-"""Lung mask throughput of `cycle.lungs.predict` (resize in, U-Net, resize back, post-process).
+"""Lung mask throughput of `cycle.lungseg.masks.predict` (resize in, U-Net, resize back, post-process).
 
     python bench/lungseg_bench.py [--sizes 256 512] [--batch 16] [--threads 2]
 
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cycle.lungs import predict, to_input  # noqa: E402
-from cycle.models.unet import build_unet  # noqa: E402
+from cycle.lungseg.masks import predict, to_input  # noqa: E402
+from cycle.lungseg.unet import build_unet  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:

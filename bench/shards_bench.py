@@ -34,10 +34,10 @@ from cycle.data.phantom import PhantomParams, PhantomSpec, write_dataset  # noqa
 from cycle.data.records import records_of, scan  # noqa: E402
 from cycle.data.transforms import load_grayscale  # noqa: E402
 from cycle.enhance import enhance_batch  # noqa: E402
-from cycle.explain import EnhanceWorker, build_shards, enhance_inprocess, worker_settings  # noqa: E402
-from cycle.lungs import predict, save_lung_model  # noqa: E402
+from cycle.lungseg.masks import predict, save_lung_model  # noqa: E402
+from cycle.lungseg.unet import build_unet  # noqa: E402
 from cycle.models import build_model  # noqa: E402
-from cycle.models.unet import build_unet  # noqa: E402
+from cycle.shard_builder import EnhanceWorker, build_shards, enhance_inprocess, worker_settings  # noqa: E402
 
 
 def sequential(cfg, records, worker) -> None:

@@ -81,7 +81,7 @@ def _masks(records: Sequence[Record], resized_films, pre, unet) -> dict[str, np.
         for kind in ("lesions", "confounders"):
             kinds[kind] = [load_mask(r.path, kind) for r in records]
         return {k: np.stack([pre.crop_mask(m) for m in v]) for k, v in kinds.items()}
-    from cycle.lungs import predict
+    from cycle.lungseg.masks import predict
 
     lungs = predict(unet.get(), list(resized_films))
     return {"lungs": np.stack([pre.crop(m) for m in lungs]), "lesions": None, "confounders": None}
@@ -97,7 +97,7 @@ class _LazyLungModel:
         if self.model is None:
             if self.path is None:
                 raise ValueError("no truth masks beside these films: pass a lung model")
-            from cycle.lungs import load_lung_model
+            from cycle.lungseg.masks import load_lung_model
 
             self.model = load_lung_model(self.path)
         return self.model

@@ -1,344 +1,161 @@
-"""Build the enhanced training set with Ray Data: for every training film, the classifier's CAM,
-the U-Net lung mask, localisation numbers and the enhanced film, in one pass, written as shards.
+"""Explain a user's own X-ray files: prediction, probability and a CAM overlay per image.
 
-    read_binary_files -> decode (tasks; a bad file becomes a 'skipped' row, never an error)
-      -> EnhanceWorker (actors holding both models; GPUs where configured)
-      -> write_parquet into <out>.partial-<id> -> manifest -> rename to <out>
-
-The same `decode_batch` and `EnhanceWorker` run in-process (`enhance_inprocess`): the benchmark's
-batched baseline, the sample picture, and the tests' reference.
+The map is computed on the model's input (the center crop) and drawn back onto the whole film;
+the part of the film the model never saw is dimmed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import time
-import uuid
-import zlib
-from collections.abc import Sequence
+import csv
+import io
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from cycle import faults
-from cycle.config import Config, config_hash
-from cycle.data.records import Record
-from cycle.data.shards import MANIFEST, OK, file_sha256, publish, read_manifest, write_manifest
-from cycle.data.transforms import (
-    ImageLoadError,
-    Preprocess,
-    decode_grayscale,
-    preprocess_from_config,
-)
-from cycle.enhance import derangement, enhance_batch
+from cycle.cam import compute_cam
+from cycle.data.records import CLASSES
+from cycle.data.transforms import IMAGE_EXTENSIONS, ImageLoadError, Preprocess, load_grayscale
+from cycle.io import atomic_write_bytes, atomic_write_text
+from cycle.localization import energy_share
+from cycle.lungseg.masks import predict as predict_lungs
+
+MAX_SIDE = 768  # overlays are for looking at, not for archiving
 
 
-def decode_batch(batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: int, with_context: bool = False) -> dict:
-    """bytes + path -> films resized to R x R (uint8) with label, split, patient, status, reason;
-    `with_context`: also each film's context donor (read here: the donor is fixed per film by the
-    seed, not by which batch Ray Data happens to form, so a build is reproducible)."""
-    pre = preprocess
-    r = pre.resize_to
-    paths = [os.path.abspath(str(p)) for p in batch["path"]]
-    meta = [lookup[p] for p in paths]
-    films = np.zeros((len(paths), r, r), np.uint8)
-    context = np.zeros((len(paths), r, r), np.uint8)
-    donors = []
-    status, reason = [], []
-    for i, data in enumerate(batch["bytes"]):
-        try:
-            films[i] = pre.resize(decode_grayscale(bytes(data), max_pixels))
-            status.append(OK)
-            reason.append("")
-        except ImageLoadError as err:
-            status.append("skipped")
-            reason.append(err.reason)
-            donors.append("")
-            continue
-        donor = meta[i][3] if with_context else ""
-        try:
-            context[i] = pre.resize(decode_grayscale(Path(donor).read_bytes(), max_pixels)) if donor else films[i]
-        except (OSError, ImageLoadError):
-            context[i], donor = films[i], ""  # an unreadable donor: the film keeps its own context
-        donors.append(donor)
-    return {
-        "film": films,
-        "context": context,
-        "donor": np.array(donors, dtype=object),
-        "path": np.array(paths, dtype=object),
-        "label": np.array([m[0] for m in meta], dtype=np.int64),
-        "split": np.array([m[1] for m in meta], dtype=object),
-        "patient": np.array([m[2] for m in meta], dtype=object),
-        "status": np.array(status, dtype=object),
-        "reason": np.array(reason, dtype=object),
-    }
+@dataclass
+class Explained:
+    path: str
+    predicted: str
+    probability: float  # P(predicted class)
+    prob_pneumonia: float
+    overlay: str
+    lung_energy_share: float | None = None  # with a lung model: CAM mass inside the lungs
 
 
-class EnhanceWorker:
-    """Holds the classifier and the lung U-Net; turns decoded batches into shard rows."""
-
-    def __init__(self, classifier_path: str, lung_model_path: str, settings: dict, threads: int | None = None):
-        from cycle.checkpoint import load_classifier
-        from cycle.lungs import load_lung_model
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.pre = load_classifier(classifier_path, self.device)
-        self.unet = load_lung_model(lung_model_path, self.device)
-        self.s = settings
-
-    def maps(self, films: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """R x R films -> (CAMs on the R x R canvas, zero outside the crop; lung masks; P(PNEUMONIA))."""
-        from cycle.cam import compute_cam
-        from cycle.lungs import predict
-
-        x = torch.stack([self.pre.normalise(self.pre.crop(f)) for f in films]).to(self.device)
-        # Fixed-size batches: a film's CAM and mask must not depend on how Ray Data batched it.
-        cams, logits = compute_cam(self.model, x, method=self.s["cam_method"], return_logits=True,
-                                   depth=self.s.get("cam_depth", 0), batch_size=self.s.get("batch_size", 32))
-        r, s = self.pre.resize_to, self.pre.size
-        off = (r - s) // 2
-        canvas = np.zeros((len(films), r, r), np.float32)
-        canvas[:, off : off + s, off : off + s] = cams.float().cpu().numpy()
-        lungs = np.stack(predict(self.unet, list(films)))
-        probs = logits.float().softmax(dim=1)[:, 1].cpu().numpy()
-        return canvas, lungs, probs
-
-    def enhance(self, batch: dict, idx: np.ndarray):
-        """The decoded films `idx` of a decode_batch output -> (CAMs, P(PNEUMONIA), Enhanced)."""
-        films = batch["film"][idx]
-        cams, lungs, probs = self.maps(films)
-        rng = np.random.default_rng([self.s["seed"], zlib.crc32(str(batch["path"][idx[0]]).encode())])
-        context = batch["context"][idx].astype(np.float32) / 255.0 if self.s["mode"] == "context_swap" else None
-        result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, self.s["mode"], self.s["strength"],
-                               self.s["trust_threshold"], self.s["fallback"], rng, self.s["dilate_px"],
-                               context=context)
-        return cams, probs, result
-
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["path"])
-        ok = np.array([s == OK for s in batch["status"]], bool)
-        out = {k: batch[k] for k in ("path", "label", "split", "patient")}
-        status, reason = np.array(batch["status"], dtype=object), np.array(batch["reason"], dtype=object)
-        images = np.array([b""] * n, dtype=object)
-        zeros = np.zeros(n, np.float64)
-        stats = {"prob_pneumonia": zeros.copy(), "cam_mean": zeros.copy(), "lung_share": np.full(n, np.nan),
-                 "cam_peak_y": np.zeros(n, np.int64), "cam_peak_x": np.zeros(n, np.int64)}
-        trusted, donors = np.zeros(n, bool), np.array(batch["donor"], dtype=object)
-        if ok.any():
-            idx = np.flatnonzero(ok)
-            cams, probs, result = self.enhance(batch, idx)
-            for k, i in enumerate(idx):
-                peak = np.unravel_index(int(cams[k].argmax()), cams[k].shape)
-                stats["prob_pneumonia"][i] = probs[k]
-                stats["cam_mean"][i] = float(cams[k].mean())
-                stats["lung_share"][i] = result.lung_share[k]
-                stats["cam_peak_y"][i], stats["cam_peak_x"][i] = peak
-                trusted[i] = result.trusted[k]
-                if not result.keep[k]:
-                    status[i], reason[i] = "dropped", "untrusted CAM (fallback: drop)"
-                    continue
-                png = cv2.imencode(".png", np.round(result.images[k] * 255).astype(np.uint8))[1]
-                images[i] = png.tobytes()
-        return {"image": images, **out, **stats, "trusted": trusted, "donor": donors,
-                "status": status, "reason": reason}
+def list_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files and folders -> image files (recursively, hidden ones ignored) and problems."""
+    files, problems = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*") if p.is_file() and not _hidden(p, item)
+                                and p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif item.is_file():
+            files.append(item)
+        else:
+            problems.append((str(item), "no such file or folder"))
+    return files, problems
 
 
-def decode_arguments(cfg: Config, lookup: dict) -> dict:
-    """decode_batch's arguments, the same for Ray Data and the in-process path."""
-    return {"lookup": lookup, "preprocess": preprocess_from_config(cfg.data),
-            "max_pixels": cfg.data.max_image_pixels, "with_context": cfg.enhance.mode == "context_swap"}
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def worker_settings(cfg: Config) -> dict:
-    e = cfg.enhance
-    return {"cam_method": cfg.cam.method, "cam_depth": cfg.cam.depth, "batch_size": cfg.cam.batch_size, "mode": e.mode, "strength": e.strength,
-            "trust_threshold": e.trust_threshold, "fallback": e.fallback, "dilate_px": e.dilate_px,
-            "seed": cfg.seed}
+def cam_on_film(cam: np.ndarray, film_shape: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
+    """A CAM in crop coordinates -> the whole film's geometry (zero outside the crop)."""
+    r, s = preprocess.resize_to, preprocess.size
+    canvas = np.zeros((r, r), np.float32)
+    off = (r - s) // 2
+    canvas[off : off + s, off : off + s] = cam
+    return cv2.resize(canvas, (film_shape[1], film_shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def _inputs(records: Sequence[Record], seed: int) -> tuple[list[str], dict]:
-    """Absolute paths in a seeded random order, and path -> (label, split, patient, donor): each
-    film's context donor is another film of the same split drawn at random across labels (a val
-    film never borrows a training film's context)."""
-    meta = {os.path.abspath(r.path): (r.label, r.split, r.patient) for r in records}
-    paths = sorted(meta)
-    rng = np.random.default_rng([seed, 101])
-    paths = [paths[i] for i in rng.permutation(len(paths))]
-    lookup = {}
-    for split in sorted({m[1] for m in meta.values()}):
-        members = [p for p in paths if meta[p][1] == split]
-        donors = derangement(len(members), rng)
-        for p, d in zip(members, donors):
-            lookup[p] = (*meta[p], members[d] if len(members) > 1 else "")
-    return paths, lookup
+def overlay_png(film: np.ndarray, cam: np.ndarray, preprocess: Preprocess, caption: str, alpha: float = 0.45) -> bytes:
+    scale = min(1.0, MAX_SIDE / max(film.shape))
+    size = (max(1, round(film.shape[1] * scale)), max(1, round(film.shape[0] * scale)))
+    film_small = cv2.resize(film, size, interpolation=cv2.INTER_AREA)
+    cam_small = cv2.resize(cam_on_film(cam, film.shape, preprocess), size, interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(np.clip(cam_small * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+    base = cv2.cvtColor(film_small, cv2.COLOR_GRAY2BGR)
+    out = cv2.addWeighted(base, 1 - alpha, heat, alpha, 0)
+    seen = cv2.resize(cam_on_film(np.ones_like(cam), film.shape, preprocess), size) > 0.5
+    out[~seen] = (out[~seen] * 0.35).astype(np.uint8)  # outside the crop: the model never saw it
+    cv2.rectangle(out, (0, 0), (min(size[0], 9 * len(caption) + 8), 22), (0, 0, 0), -1)
+    cv2.putText(out, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".png", out)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
 
 
-def build_key(cfg: Config, records: Sequence[Record], classifier_path, lung_model_path) -> str:
-    parts = {
-        "config": config_hash(cfg, "data", "cam", "enhance", "seed"),
-        "classifier": file_sha256(classifier_path),
-        "lung_model": file_sha256(lung_model_path),
-        "inputs": hashlib.sha256("\n".join(sorted(f"{r.split}:{r.path}" for r in records)).encode()).hexdigest(),
-        "donors": "within-split",
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
-def build_shards(
-    cfg: Config,
-    records: Sequence[Record],
-    classifier_path: str | Path,
-    lung_model_path: str | Path,
+def explain_files(
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    inputs: Sequence[str | Path],
     out_dir: str | Path,
-    num_actors: int | None = None,
-    batch_size: int | None = None,
-    gpus_per_actor: float = 0.0,
-    threads_per_actor: int | None = None,
-    log=print,
-    inprocess: bool = False,
-) -> dict:
-    """Build (or reuse) the enhanced shards of `records` in `out_dir`; returns the manifest.
-    `num_actors` caps the EnhanceWorker pool, which is otherwise sized from the cluster's CPUs.
-    `inprocess`: the same rows written by this process, without Ray Data (inside a Tune trial,
-    where Data tasks would wait for CPUs the trials hold)."""
-    # Absolute: Ray's workers need not share the driver's working folder.
-    out_dir, classifier_path, lung_model_path = (Path(p).resolve() for p in (out_dir, classifier_path, lung_model_path))
-    key = build_key(cfg, records, classifier_path, lung_model_path)
-    if (out_dir / MANIFEST).is_file():
-        try:
-            manifest = read_manifest(out_dir)
-            if manifest["build_key"] == key:
-                log(f"[shards] {out_dir} is up to date (build {key}): nothing to do")
-                return manifest
-        except Exception as err:  # a damaged build is rebuilt, not trusted
-            log(f"[shards] rebuilding {out_dir}: {err}")
-    for stale in out_dir.parent.glob(out_dir.name + ".partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # an interrupted build: never readable, now gone
-    tmp = out_dir.with_name(f"{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-
-    paths, lookup = _inputs(records, cfg.seed)
-    batch_size = batch_size or cfg.cam.batch_size
-    how = "in this process" if inprocess else "Ray Data"
-    log(f"[shards] {len(paths):,} films -> {out_dir} ({cfg.enhance.mode}, strength {cfg.enhance.strength}, {how})")
-    if inprocess:
-        _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp, batch_size, threads_per_actor)
-    else:
-        _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp, batch_size, num_actors,
-                             gpus_per_actor, threads_per_actor, log)
-    manifest = write_manifest(tmp, key, len(paths), extra={
-        "mode": cfg.enhance.mode, "strength": cfg.enhance.strength, "trust_threshold": cfg.enhance.trust_threshold,
-        "fallback": cfg.enhance.fallback, "classifier": str(classifier_path), "lung_model": str(lung_model_path),
-        "image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction,
-    })
-    publish(tmp, out_dir)
-    c = manifest["counts"]
-    log(f"[shards] wrote {c['written']:,} of {c['in']:,} films ({c['skipped']:,} skipped, "
-        f"{c['untrusted_written']:,} with an untrusted CAM) in {len(manifest['shards'])} shard(s)")
-    return manifest
-
-
-def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp: Path, batch_size: int,
-                         wanted_actors: int | None, gpus_per_actor: float, threads: int | None, log) -> None:
-    """Decode tasks -> EnhanceWorker actors, sized from the cluster; this driver writes each
-    output batch as it arrives (progress shown, a stall named and ended by the watchdog)."""
-    import ray
-    import ray.data
-
-    from cycle.resources import plan_shard_pool, waiting_message
-    from cycle.watchdog import Watchdog
-
-    pool = plan_shard_pool(ray.cluster_resources(), gpus_per_actor, wanted_actors)
-    log(f"[shards] Ray Data: {pool.describe()}")
-    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=pool.task_cpus)
-    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=pool.task_cpus,
-                        fn_kwargs=decode_arguments(cfg, lookup))
-    ds = ds.map_batches(
-        EnhanceWorker,
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        num_gpus=pool.gpus_per_actor,
-        num_cpus=pool.cpus_per_actor,
-        fn_constructor_kwargs={"classifier_path": str(classifier_path), "lung_model_path": str(lung_model_path),
-                               "settings": worker_settings(cfg), "threads": threads or pool.threads_per_actor},
-    )
-    request = {"CPU": pool.actors * pool.cpus_per_actor + pool.task_cpus, "GPU": pool.actors * pool.gpus_per_actor}
-
-    def describe(waited: float) -> str:
-        return waiting_message(
-            f"the shard build ({len(paths):,} films -> {tmp.name})", waited, request, ray.cluster_resources(),
-            ray.available_resources(),
-            "give the cluster more CPUs (`ray start --head --num-cpus N`, or worker nodes), free the ones "
-            "other jobs hold, or build in this process (--inprocess-shards)")
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    done, last_shown = 0, 0.0
-    with Watchdog("shards", cfg.resources.stall_timeout_s, describe) as dog:
-        for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
-            _write_part(tmp, i, batch)
-            dog.beat()
-            done += len(batch["path"])
-            if time.monotonic() - last_shown > 10 or done == len(paths):
-                log(f"[shards] {done:,}/{len(paths):,} films")
-                last_shown = time.monotonic()
+    method: str = "auto",
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    progress=None,
+    lung_model: torch.nn.Module | None = None,
+) -> tuple[list[Explained], list[tuple[str, str]]]:
+    """Write one overlay PNG per readable image and `predictions.csv`; return rows and skips.
+    With `lung_model`, also each film's lung energy share (CAM and lungs on the whole film)."""
+    out_dir = Path(out_dir)
+    files, skipped = list_inputs(inputs)
+    rows: list[Explained] = []
+    used_names: set[str] = set()
+    for batch in _batches(files, batch_size):
+        films, paths = [], []
+        for path in batch:
+            try:
+                films.append(load_grayscale(path))
+                paths.append(path)
+            except ImageLoadError as err:
+                skipped.append((str(path), err.reason))
+        if not films:
+            continue
+        tensors = torch.stack([preprocess(f) for f in films]).to(device)
+        cams, logits = compute_cam(model, tensors, method=method, return_logits=True)
+        probs = logits.softmax(dim=1)[:, 1].cpu().numpy()
+        lungs = predict_lungs(lung_model, films) if lung_model is not None else [None] * len(films)
+        for film, path, cam, p, lung in zip(films, paths, cams.cpu().numpy(), probs, lungs):
+            pred = int(p >= 0.5)
+            confidence = float(p if pred else 1 - p)
+            name = _unique_name(path, used_names)
+            png = overlay_png(film, cam, preprocess, f"{CLASSES[pred]} {confidence:.2f}")
+            overlay = atomic_write_bytes(out_dir / "overlays" / name, png)
+            share = None
+            if lung is not None:
+                value = float(energy_share(cam_on_film(cam, film.shape, preprocess), lung)[0])
+                share = None if np.isnan(value) else value  # no lungs found, or a flat map
+            rows.append(Explained(str(path), CLASSES[pred], confidence, float(p), str(overlay), share))
+        if progress is not None:
+            progress(len(rows), len(files))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["path", "predicted", "probability", "prob_pneumonia", "overlay"]
+    writer.writerow(header + (["lung_energy_share"] if lung_model is not None else []))
+    for row in rows:
+        cells = [row.path, row.predicted, f"{row.probability:.6f}", f"{row.prob_pneumonia:.6f}", row.overlay]
+        if lung_model is not None:
+            cells.append("" if row.lung_energy_share is None else f"{row.lung_energy_share:.6f}")
+        writer.writerow(cells)
+    atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
+    if skipped:
+        atomic_write_text(out_dir / "skipped.csv", "path,reason\n" + "".join(f'"{p}","{r}"\n' for p, r in skipped))
+    return rows, skipped
 
 
-def _write_part(tmp: Path, index: int, batch: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({k: list(v) if np.asarray(v).dtype == object else v for k, v in batch.items()})
-    path = tmp / f"part-{index:05d}.parquet"
-    pq.write_table(table, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    faults.reached("shards:part")
-
-
-def _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp: Path, batch_size: int,
-                     threads: int | None) -> None:
-    worker = EnhanceWorker(str(classifier_path), str(lung_model_path), worker_settings(cfg), threads=threads)
-    tmp.mkdir(parents=True, exist_ok=True)
-    for i, batch in enumerate(iter_enhanced(cfg, records, worker, batch_size)):
-        _write_part(tmp, i, batch)
-
-
-def _read_and_decode(paths: Sequence[str], arguments: dict) -> dict:
-    """What read_binary_files + decode_batch do in Ray Data, in this process."""
-    return decode_batch({"bytes": [Path(p).read_bytes() for p in paths], "path": list(paths)}, **arguments)
-
-
-def iter_enhanced(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32):
-    """The same pipeline batched in this process (no Ray): output batches, one at a time."""
-    paths, lookup = _inputs(records, cfg.seed)
-    arguments = decode_arguments(cfg, lookup)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        yield worker(_read_and_decode(chunk, arguments))
-
-
-def enhance_inprocess(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32) -> list[dict]:
-    return list(iter_enhanced(cfg, records, worker, batch_size))
-
-
-def sample_picture(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, path: str | Path,
-                   n: int = 49) -> Path | None:
-    """The first n readable films of the build's order: (film, CAM, enhanced film) triplets,
-    decoded and enhanced exactly as the shard rows are; None when none of them is readable."""
-    from cycle.plots import enhanced_grid
-
-    paths, lookup = _inputs(records, cfg.seed)
-    chunk = paths[: n + 8]  # a few spare films in case some are unreadable
-    batch = _read_and_decode(chunk, decode_arguments(cfg, lookup))
-    idx = np.flatnonzero([s == OK for s in batch["status"]])[:n]
-    if not len(idx):
-        return None
-    cams, _, result = worker.enhance(batch, idx)
-    return enhanced_grid(batch["film"][idx] / 255.0, cams, result.images, path)
+def _unique_name(path: Path, used: set[str]) -> str:
+    name = f"{path.stem}.png"
+    k = 1
+    while name in used:
+        name = f"{path.stem}_{k}.png"
+        k += 1
+    used.add(name)
+    return name

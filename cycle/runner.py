@@ -190,7 +190,7 @@ class Runner:
                 log(f"[cycle {k}] {arch}: training done")
 
     def shards_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> Path:
-        from cycle.explain import EnhanceWorker, build_shards, sample_picture, worker_settings
+        from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture, worker_settings
 
         stage = self.paths.stage(k, arch, "shards")
         if not self.paths.done(stage):

@@ -18,8 +18,8 @@ import _common
 
 from cycle.data.prepare import prepare_records
 from cycle.data.records import DataError, records_of
-from cycle.explain import EnhanceWorker, build_shards, sample_picture, worker_settings
 from cycle.ray_session import init_ray
+from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture, worker_settings
 from cycle.tracking import Tracker
 
 

@@ -16,8 +16,8 @@ import sys
 import _common  # noqa: F401  (makes `cycle` importable)
 
 from cycle.checkpoint import load_classifier
-from cycle.explain_files import explain_files
-from cycle.lungs import load_lung_model
+from cycle.explain import explain_files
+from cycle.lungseg.masks import load_lung_model
 
 
 def main() -> int:

@@ -12,8 +12,8 @@ from PIL import Image
 from cycle import plots
 from cycle.checkpoint import load_classifier, save_classifier
 from cycle.config import load_config
-from cycle.explain_files import cam_on_film
-from cycle.lungs import save_lung_model
+from cycle.explain import cam_on_film
+from cycle.lungseg.masks import save_lung_model
 from cycle.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ def test_explain_job_on_a_mixed_folder_with_a_broken_file(tmp_path, checkpoint):
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff not really")
     (folder / ".hidden.png").write_bytes(b"")
     out = tmp_path / "out"
-    from cycle.models.unet import build_unet
+    from cycle.lungseg.unet import build_unet
 
     save_lung_model(tmp_path / "unet.pt", build_unet(), image_size=32)
     proc = subprocess.run(

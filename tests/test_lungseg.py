@@ -9,10 +9,10 @@ from PIL import Image
 
 import cycle.lungseg.train as lungseg_train
 from cycle.config import load_config
-from cycle.lungs import dice_iou, fill_holes, postprocess, predict
 from cycle.lungseg.data import LungDataError, find_pairs, load_film, load_pair
+from cycle.lungseg.masks import dice_iou, fill_holes, postprocess, predict
 from cycle.lungseg.train import LAST, LungModelMissing, ensure_lung_model, train_lungseg
-from cycle.models.unet import build_unet
+from cycle.lungseg.unet import build_unet
 
 ROOT = Path(__file__).resolve().parent.parent
 

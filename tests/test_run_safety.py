@@ -139,9 +139,9 @@ def test_inference_does_not_depend_on_how_many_films_come_together():
     """CPU convolutions round differently at other batch sizes: the shard builder must give a
     film the same CAM and lung mask whether Ray Data batched it with 7 films or 32."""
     from cycle.cam import compute_cam
-    from cycle.lungs import predict
+    from cycle.lungseg.masks import predict
+    from cycle.lungseg.unet import build_unet
     from cycle.models import build_model
-    from cycle.models.unet import build_unet
 
     torch.manual_seed(0)
     model = build_model("resnet18", image_size=64).eval()

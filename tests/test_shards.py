@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-import cycle.explain as explain_module
+import cycle.shard_builder as shard_builder
 from cycle.checkpoint import save_classifier
 from cycle.config import load_config
 from cycle.data.records import records_of, scan
 from cycle.data.shards import ShardError, load_shards, read_manifest, read_shards_ray
-from cycle.explain import EnhanceWorker, build_shards, enhance_inprocess, worker_settings
-from cycle.lungs import save_lung_model
+from cycle.lungseg.masks import save_lung_model
+from cycle.lungseg.unet import build_unet
 from cycle.models import build_model
-from cycle.models.unet import build_unet
+from cycle.shard_builder import EnhanceWorker, build_shards, enhance_inprocess, worker_settings
 
 pytestmark = pytest.mark.ray
 
@@ -96,7 +96,7 @@ def test_interrupted_build_leaves_nothing_readable_and_a_rerun_completes(setup, 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed before the manifest")
 
-    monkeypatch.setattr(explain_module, "write_manifest", crash)
+    monkeypatch.setattr(shard_builder, "write_manifest", crash)
     with pytest.raises(KeyboardInterrupt):
         build_shards(cfg, records, clf, unet, out, log=lambda *_: None)
     assert not out.exists() and list(tmp.glob("interrupted.partial-*"))

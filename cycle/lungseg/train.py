@@ -22,7 +22,8 @@ from cycle.data.records import Skipped
 from cycle.data.transforms import Augment, ImageLoadError
 from cycle.io import atomic_torch_save, atomic_write_json
 from cycle.localization import bootstrap_ci
-from cycle.lungs import (
+from cycle.lungseg.data import Pair, find_pairs, load_pair
+from cycle.lungseg.masks import (
     MEAN,
     STD,
     check_size,
@@ -32,8 +33,7 @@ from cycle.lungs import (
     predict,
     save_lung_model,
 )
-from cycle.lungseg.data import Pair, find_pairs, load_pair
-from cycle.models.unet import DEFAULT_CHANNELS, build_unet
+from cycle.lungseg.unet import DEFAULT_CHANNELS, build_unet
 
 LAST, BEST = "last.pt", "best.pt"
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cycle.models.unet import DEFAULT_CHANNELS, build_unet, size_multiple
+from cycle.lungseg.unet import DEFAULT_CHANNELS, build_unet, size_multiple
 
 MEAN, STD = 0.449, 0.226
 
