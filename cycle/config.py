@@ -187,16 +187,22 @@ class Config(Section):
     resources: ResourcesConfig = ResourcesConfig()
     sweep: SweepConfig = SweepConfig()
 
-    def with_overrides(self, values: Mapping[str, Any]) -> Config:
-        """A validated copy with dotted keys replaced, e.g. {"model.arch": "vgg16"}."""
+    def with_overrides(self, values: Mapping[str, Any], source: str = "derived config") -> Config:
+        """A validated copy with dotted keys replaced, e.g. {"model.arch": "vgg16"}: the one way
+        to derive a config. An unknown key is a ConfigError naming the keys allowed there."""
         raw = self.model_dump(mode="json")
         for key, value in values.items():
             node = raw
             *parents, leaf = key.split(".")
             for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"invalid config ({source}):\n  {key}: unknown key")
                 node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"invalid config ({source}):\n  {key}: unknown key; allowed keys in "
+                                  f"'{'.'.join(parents)}': {', '.join(sorted(node))}")
             node[leaf] = value
-        return validate_config(raw, source="derived config")
+        return validate_config(raw, source=source)
 
     def with_absolute_paths(self, base: str | Path | None = None) -> Config:
         """Every local path made absolute against `base` (default: the current folder). The driver

@@ -21,11 +21,11 @@ from cycle.io import atomic_write_json, atomic_write_text
 
 # The control keeps the default mode at strength 0: the enhanced film *is* the original film, and
 # everything else (shards, epochs, lr, selection) is the same.
-VARIANTS: dict[str, dict] = {
-    "control": {"enhance": {"strength": 0.0}},
-    "highlight": {"enhance": {"mode": "highlight"}},
-    "suppress": {"enhance": {"mode": "suppress"}},
-    "context_swap": {"enhance": {"mode": "context_swap"}},
+VARIANTS: dict[str, dict[str, object]] = {
+    "control": {"enhance.strength": 0.0},
+    "highlight": {"enhance.mode": "highlight"},
+    "suppress": {"enhance.mode": "suppress"},
+    "context_swap": {"enhance.mode": "context_swap"},
 }
 METRICS = (
     ("test_accuracy", "test acc"), ("test_cf_accuracy", "cf acc"), ("lesion_pointing_game", "pointing"),
@@ -36,11 +36,7 @@ METRICS = (
 def variant_config(cfg: Config, seed: int, variant: str) -> Config:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    data = cfg.model_dump()
-    data["seed"] = seed
-    for section, values in VARIANTS[variant].items():
-        data[section].update(values)
-    return Config.model_validate(data)
+    return cfg.with_overrides({"seed": seed, **VARIANTS[variant]})
 
 
 def run_name(prefix: str, seed: int, variant: str) -> str:

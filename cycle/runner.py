@@ -97,15 +97,16 @@ class CycleState:
 
 def arch_config(cfg: Config, arch: str, k: int, previous: Path | None) -> Config:
     """The config of one (cycle, architecture) training stage: fine-tuning after the baseline."""
-    data = cfg.model_dump()
-    data["model"]["arch"] = arch
-    if k > 0:
-        data["model"]["weights_path"] = str(previous)
-        data["model"]["pretrained"] = False
-        data["train"]["epochs"] = cfg.cycles.epochs
-        data["train"]["lr"] = cfg.cycles.lr
-        data["seed"] = cfg.seed + k  # a fresh shuffle per cycle, still fixed by the seed
-    return Config.model_validate(data)
+    if k == 0:
+        return cfg.with_overrides({"model.arch": arch})
+    return cfg.with_overrides({
+        "model.arch": arch,
+        "model.weights_path": str(previous),
+        "model.pretrained": False,
+        "train.epochs": cfg.cycles.epochs,
+        "train.lr": cfg.cycles.lr,
+        "seed": cfg.seed + k,  # a fresh shuffle per cycle, still fixed by the seed
+    })
 
 
 def should_stop(history: list[dict], epsilon: float, delta: float) -> str | None:

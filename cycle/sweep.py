@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cycle.config import Config, ConfigError, validate_config
+from cycle.config import Config, ConfigError
 
 SAMPLERS = ("grid_search", "choice", "uniform", "loguniform", "randint")
 
@@ -80,19 +80,7 @@ def validate_space(space: Mapping[str, Any], base: Config, source: str = "space"
 
 
 def apply_values(base: Config, values: Mapping[str, Any]) -> Config:
-    raw = base.model_dump(mode="json")
-    for key, value in values.items():
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"invalid config (space):\n  {key}: unknown key")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"invalid config (space):\n  {key}: unknown key; allowed keys in "
-                              f"'{'.'.join(parts[:-1])}': {', '.join(sorted(node))}")
-        node[parts[-1]] = value
-    return validate_config(raw, source="space")
+    return base.with_overrides(values, source="space")
 
 
 def tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,13 +122,13 @@ def trial_config(base: Config, values: Mapping[str, Any], output_dir: str) -> Co
     """A trial's config: the base with the trial's values; trains in the trial's own process
     (Tune gave it its CPU or GPU), one architecture, no tracking from the worker."""
     cfg = apply_values(base, values)
-    raw = cfg.model_dump(mode="json")
-    raw["cycles"]["archs"] = [cfg.model.arch]
-    raw["resources"]["num_workers"] = 0
-    raw["tracking"]["enabled"] = False
-    raw["output_dir"] = output_dir
-    raw["data"]["phantom"]["out_dir"] = str(base.phantom_dir().resolve())
-    return Config.model_validate(raw)
+    return cfg.with_overrides({
+        "cycles.archs": [cfg.model.arch],
+        "resources.num_workers": 0,
+        "tracking.enabled": False,
+        "output_dir": output_dir,
+        "data.phantom.out_dir": str(base.phantom_dir().resolve()),
+    })
 
 
 def run_trial(params: dict) -> None:
@@ -155,9 +143,8 @@ def run_trial(params: dict) -> None:
     base = Config.model_validate(params["base"])
     values = {k: v for k, v in params.items() if k not in ("base", "sweep_dir", "records", "lung_model")}
     trial_id = tune.get_context().get_trial_id()
-    raw = base.model_dump(mode="json")
-    raw["lungseg"]["weights"] = params["lung_model"]
-    cfg = trial_config(Config.model_validate(raw), values, str(Path(params["sweep_dir"]) / "trials"))
+    base = base.with_overrides({"lungseg.weights": params["lung_model"]})
+    cfg = trial_config(base, values, str(Path(params["sweep_dir"]) / "trials"))
     root = Path(cfg.output_dir) / trial_id
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "records.json").is_file():
