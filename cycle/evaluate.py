@@ -1,27 +1,102 @@
-"""Where a trained classifier looks, on the ORIGINAL test films: localisation metrics with 95%
-intervals, and the CAMs of a fixed panel of 49 films for before/after pictures.
+"""Evaluate a classifier on the ORIGINAL films, never on the enhanced ones.
 
-Truth masks come from the phantom tree where present (lungs, lesions, confounders); on real data
-the lung mask comes from the U-Net and only the lung metrics are defined.
+- Classification: P(PNEUMONIA) for every film of val, test and test_cf; accuracy, sensitivity,
+  specificity, AUC, confusion matrix (metrics.json) and per-film predictions (CSV).
+- Localisation: where its CAM looks on test (and val), with 95% intervals, and the CAMs of a
+  fixed panel of 49 films for before/after pictures. Truth masks come from the phantom tree
+  where present (lungs, lesions, confounders); on real data the lung mask comes from the U-Net
+  and only the lung metrics are defined.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
 
 from cycle.cam import compute_cam
 from cycle.checkpoint import load_classifier
+from cycle.config import Config
+from cycle.data.dataset import ImageDataset
 from cycle.data.phantom import load_mask
 from cycle.data.records import Record
 from cycle.data.transforms import load_grayscale
-from cycle.io import atomic_write
+from cycle.io import atomic_write, atomic_write_json, atomic_write_text
 from cycle.localization import flat_summary, localization_metrics
+from cycle.lungseg.masks import load_lung_model
+from cycle.lungseg.masks import predict as predict_lungs
+from cycle.metrics import classification_metrics, confusion_matrix, prefixed
 
+EVAL_SPLITS = ("val", "test", "test_cf")
 PANEL = 49
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 on CUDA with train.amp, in training and evaluation alike; full precision elsewhere."""
+    if cfg.train.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: ImageDataset, cfg: Config,
+            device: torch.device) -> dict[str, np.ndarray]:
+    """Per-image P(PNEUMONIA) and loss over a whole split, in record order (no augmentation)."""
+    was_training = model.training
+    model.eval()
+    probs = np.zeros(len(dataset), np.float64)
+    losses = np.zeros(len(dataset), np.float64)
+    plain = DataLoader(dataset, batch_size=max(cfg.train.batch_size, 64), shuffle=False,
+                       num_workers=cfg.data.loader_workers)
+    for images, labels, index in plain:
+        with autocast(cfg, device):
+            logits = model(images.to(device, non_blocking=True)).float()
+        labels = labels.to(device)
+        losses[index.numpy()] = F.cross_entropy(logits, labels, reduction="none").cpu().numpy()
+        probs[index.numpy()] = logits.softmax(dim=1)[:, 1].cpu().numpy()
+    model.train(was_training)
+    return {"probs": probs, "losses": losses, "labels": dataset.labels}
+
+
+def split_metrics(model: nn.Module, dataset: ImageDataset, cfg: Config,
+                  device: torch.device) -> dict[str, float]:
+    out = predict(model, dataset, cfg, device)
+    return classification_metrics(out["labels"], out["probs"], out["losses"])
+
+
+def evaluate_splits(model: nn.Module, datasets: dict[str, ImageDataset], cfg: Config,
+                    device: torch.device, run_dir: Path, **flat_extra) -> tuple[dict, dict]:
+    """Every evaluation split present in `datasets`: run_dir/metrics.json ({"flat", "splits"})
+    and predictions_<split>.csv. Returns (flat metrics, metrics per split)."""
+    results, flat = {}, dict(flat_extra)
+    for split in EVAL_SPLITS:
+        if split not in datasets:
+            continue
+        out = predict(model, datasets[split], cfg, device)
+        metrics = classification_metrics(out["labels"], out["probs"], out["losses"])
+        metrics["confusion_matrix"] = confusion_matrix(out["labels"], out["probs"] >= 0.5).tolist()
+        results[split] = metrics
+        flat.update(prefixed(metrics, split))
+        lines = ["path,label,prob_pneumonia"] + [
+            f"{r.path},{r.label},{p:.6f}" for r, p in zip(datasets[split].records, out["probs"])
+        ]
+        atomic_write_text(run_dir / f"predictions_{split}.csv", "\n".join(lines) + "\n")
+    atomic_write_json(run_dir / "metrics.json", {"flat": flat, "splits": results})
+    return flat, results
+
+
+# ---------------------------------------------------------------------------------------------
+# Localisation
 
 
 def panel_records(records: Sequence[Record], seed: int, n: int = PANEL) -> list[Record]:
@@ -81,9 +156,7 @@ def _masks(records: Sequence[Record], resized_films, pre, unet) -> dict[str, np.
         for kind in ("lesions", "confounders"):
             kinds[kind] = [load_mask(r.path, kind) for r in records]
         return {k: np.stack([pre.crop_mask(m) for m in v]) for k, v in kinds.items()}
-    from cycle.lungseg.masks import predict
-
-    lungs = predict(unet.get(), list(resized_films))
+    lungs = predict_lungs(unet.get(), list(resized_films))
     return {"lungs": np.stack([pre.crop(m) for m in lungs]), "lesions": None, "confounders": None}
 
 
@@ -97,8 +170,6 @@ class _LazyLungModel:
         if self.model is None:
             if self.path is None:
                 raise ValueError("no truth masks beside these films: pass a lung model")
-            from cycle.lungseg.masks import load_lung_model
-
             self.model = load_lung_model(self.path)
         return self.model
 

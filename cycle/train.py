@@ -15,32 +15,40 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from cycle import faults
-from cycle.checkpoint import model_meta, save_classifier
+from cycle.checkpoint import (
+    model_meta,
+    read_checkpoint,
+    restore_training_state,
+    save_classifier,
+    save_training_state,
+)
 from cycle.config import Config
 from cycle.data.dataset import EpochShuffle, ImageDataset
 from cycle.data.records import ScanResult, records_of
+from cycle.data.shards import load_shards
 from cycle.data.transforms import augment_from_config, preprocess_from_config
-from cycle.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from cycle.metrics import classification_metrics, confusion_matrix, format_table, prefixed
+from cycle.evaluate import EVAL_SPLITS, autocast, evaluate_splits, split_metrics
+from cycle.io import atomic_write_json
+from cycle.metrics import format_table, prefixed
 from cycle.models import Classifier, build_model
+from cycle.resources import trainer_request, waiting_message
+from cycle.watchdog import Watchdog
 
 LAST = "last.pt"  # model, optimiser, scheduler, epoch, early-stopping state, history
 BEST = "best.pt"  # model weights with the lowest val loss so far
 STARTED = "started.json"  # written when a worker begins: the driver's watchdog knows it got resources
 RAY_EPOCH = "epoch.json"  # beside last.pt in Ray's checkpoint: which epoch it holds
 EPOCH_LOG = "epochs.log"  # one line per epoch executed (history.json is rebuilt from the checkpoint)
-EVAL_SPLITS = ("val", "test", "test_cf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +100,14 @@ class Session:
                 if (folder / LAST).is_file() and ray_epoch >= local_epoch:
                     return folder / LAST, "Ray storage checkpoint"
         return (path, "local checkpoint") if path.is_file() else None
+
+    def distributed(self, model: nn.Module) -> nn.Module:
+        """DDP across the Ray Train workers; the model itself with one worker or none."""
+        if not (self.in_ray and self.world_size > 1):
+            return model
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         """A barrier in Ray: every rank calls it equally often; only rank 0 hands a checkpoint."""
@@ -160,8 +176,10 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
-    optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay,
+                               nesterov=True)
+    optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
+                     "radam": torch.optim.RAdam}[t.optimizer]
     return optimizer_cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -171,15 +189,18 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def class_weights(cfg: Config, labels: np.ndarray) -> torch.Tensor | None:
+def make_criterion(cfg: Config, labels: np.ndarray, device: torch.device) -> nn.Module:
+    """Cross-entropy, with inverse-frequency class weights unless train.class_weights=none."""
     if cfg.train.class_weights == "none":
-        return None
+        return nn.CrossEntropyLoss()
     counts = np.bincount(labels, minlength=2).astype(np.float64)
-    return torch.tensor(len(labels) / (2.0 * np.maximum(counts, 1.0)), dtype=torch.float32)
+    weights = torch.tensor(len(labels) / (2.0 * np.maximum(counts, 1.0)), dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weights.to(device))
 
 
 def loader(dataset: ImageDataset, cfg: Config, session: Session, shuffle: bool) -> DataLoader:
-    sampler = EpochShuffle(len(dataset), cfg.seed, session.rank, session.world_size, shuffle=shuffle)
+    sampler = EpochShuffle(len(dataset), cfg.seed, session.rank, session.world_size,
+                           shuffle=shuffle)
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size if shuffle else max(cfg.train.batch_size, 64),
@@ -190,37 +211,8 @@ def loader(dataset: ImageDataset, cfg: Config, session: Session, shuffle: bool) 
     )
 
 
-def autocast(cfg: Config, device: torch.device):
-    if cfg.train.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> dict[str, np.ndarray]:
-    """Per-image P(PNEUMONIA) and loss over a whole split, in record order (no augmentation)."""
-    was_training = model.training
-    model.eval()
-    probs = np.zeros(len(dataset), np.float64)
-    losses = np.zeros(len(dataset), np.float64)
-    plain = DataLoader(dataset, batch_size=max(cfg.train.batch_size, 64), shuffle=False,
-                       num_workers=cfg.data.loader_workers)
-    for images, labels, index in plain:
-        with autocast(cfg, device):
-            logits = model(images.to(device, non_blocking=True)).float()
-        labels = labels.to(device)
-        losses[index.numpy()] = F.cross_entropy(logits, labels, reduction="none").cpu().numpy()
-        probs[index.numpy()] = logits.softmax(dim=1)[:, 1].cpu().numpy()
-    model.train(was_training)
-    return {"probs": probs, "losses": losses, "labels": dataset.labels}
-
-
-def evaluate(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> dict[str, float]:
-    out = predict(model, dataset, cfg, device)
-    return classification_metrics(out["labels"], out["probs"], out["losses"])
-
-
-def train_one_epoch(model, data, optimizer, criterion, cfg: Config, session: Session) -> dict[str, float]:
+def train_one_epoch(model, data, optimizer, criterion, cfg: Config,
+                    session: Session) -> dict[str, float]:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for step, (images, labels, _) in enumerate(data):
@@ -241,34 +233,28 @@ def train_one_epoch(model, data, optimizer, criterion, cfg: Config, session: Ses
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
-def load_checkpoint(path: Path, arch: str) -> dict | None:
-    """A training checkpoint, or None (with a message) when it is truncated or unreadable: the
-    stage then starts over instead of ending in a traceback."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, bad pickle, empty file: all mean "not a checkpoint"
-        say(f"[{arch}] {path} is unreadable ({type(err).__name__}: {err}); starting this stage over")
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The loop, step by step
 
 
-def train_func(loop_config: dict) -> None:
-    """Ray Train entry point. loop_config: {"config": Config dump, "records": path, "run_dir": path,
-    "ray_checkpoints": bool, "train_shards": optional shard dir}. With `train_shards` the model
-    trains on the enhanced films of a shard build and is still validated and tested on the
-    original films. Writes run_dir/{last.pt, best.pt, history.json, metrics.json}."""
-    cfg = Config.model_validate(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
-    quiet_ray_train_logs()
-    session = Session.detect(bool(loop_config.get("ray_checkpoints", False)), bool(loop_config.get("in_process")))
-    if session.in_ray and loop_config.get("threads"):
-        torch.set_num_threads(int(loop_config["threads"]))  # workers side by side share the cores
-    scan = ScanResult.load(loop_config["records"])
-    torch.manual_seed(cfg.seed)
+@dataclass
+class LoopConfig:
+    """What `train_func` needs besides the Config. Plain values: Ray ships it to each worker as
+    `train_loop_config` (a dict of these fields)."""
 
+    config: dict  # the Config, dumped, every path absolute
+    records: str  # records.json of the data set
+    run_dir: str  # where last.pt, best.pt, history.json, metrics.json go
+    ray_checkpoints: bool = False  # also hand each epoch's checkpoint to Ray's storage_path
+    train_shards: str | None = None  # train (and select) on these enhanced films
+    threads: int | None = None  # torch threads per Ray worker (trainers sharing a machine)
+    in_process: bool = False  # called directly, not by Ray Train (e.g. inside a Tune trial)
+
+
+def build_datasets(cfg: Config, scan: ScanResult, train_shards: str | None) -> dict[str, ImageDataset]:
+    """train, val, test, test_cf from the records. With shards, train is the enhanced films and
+    "select" the enhanced val films (what the epoch is chosen on); val, test and test_cf stay
+    the original films."""
     preprocess = preprocess_from_config(cfg.data)
     augment = augment_from_config(cfg.train.augment)
     datasets = {
@@ -282,132 +268,158 @@ def train_func(loop_config: dict) -> None:
         )
         for split in ("train", *EVAL_SPLITS)
     }
-    if loop_config.get("train_shards"):
-        from cycle.data.shards import load_shards
+    if train_shards:
+        records, films, _ = load_shards(train_shards)
+        by_split = {s: [i for i, r in enumerate(records) if r.split == s] for s in ("train", "val")}
 
-        shard_records, films, _ = load_shards(loop_config["train_shards"])
-        by_split = {s: [i for i, r in enumerate(shard_records) if r.split == s] for s in ("train", "val")}
-        datasets["train"] = ImageDataset([shard_records[i] for i in by_split["train"]], preprocess, augment,
-                                         seed=cfg.seed, resized=[films[i] for i in by_split["train"]])
+        def enhanced(split: str, augment_with) -> ImageDataset:
+            rows = by_split[split]
+            return ImageDataset([records[i] for i in rows], preprocess, augment_with,
+                                seed=cfg.seed, resized=[films[i] for i in rows])
+
+        datasets["train"] = enhanced("train", augment)
         if by_split["val"]:
             # Select on val films enhanced the same way: the original val films carry the train
             # shortcut, so choosing by their loss would reward keeping it.
-            datasets["select"] = ImageDataset([shard_records[i] for i in by_split["val"]], preprocess, None,
-                                              seed=cfg.seed, resized=[films[i] for i in by_split["val"]])
+            datasets["select"] = enhanced("val", None)
     datasets = {k: v for k, v in datasets.items() if len(v)}
     if "train" not in datasets or "val" not in datasets:
         raise RuntimeError("training needs non-empty train and val splits")
+    return datasets
 
-    model = make_model(cfg).to(session.device)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer)
-    weights = class_weights(cfg, datasets["train"].labels)
-    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(session.device))
 
-    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "finished": False, "history": []}
+def restore(run_dir: Path, cfg: Config, session: Session, model, optimizer, scheduler) -> dict:
+    """The loop's state: resumed from the newest readable checkpoint, else a fresh start.
+    Writes started.json (the driver's watchdog sees the worker got its resources; the tests see
+    where a resume came from)."""
+    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "finished": False,
+             "history": []}
+    who = cfg.model.arch
     resume = session.resume_file(run_dir)
-    saved = load_checkpoint(resume[0], cfg.model.arch) if resume is not None else None
-    if saved is not None and load_checkpoint(run_dir / BEST, cfg.model.arch) is None:
+    saved = read_checkpoint(resume[0], say, who) if resume is not None else None
+    if saved is not None and read_checkpoint(run_dir / BEST, say, who) is None:
         saved = None  # the weights chosen so far are lost: only a fresh start chooses them again
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+        state = restore_training_state(saved, model, optimizer, scheduler)
         if session.is_main:
-            say(f"[{cfg.model.arch}] resuming after epoch {state['epoch']} from the {resume[1]} {resume[0]}")
-    if session.is_main:  # also says where a resume came from (the tests check it)
+            say(f"[{who}] resuming after epoch {state['epoch']} from the {resume[1]} {resume[0]}")
+    if session.is_main:
         atomic_write_json(run_dir / STARTED, {
             "pid": os.getpid(), "time": time.time(), "resumed_after_epoch": state["epoch"],
             "resumed_from": str(resume[0]) if saved is not None else None,
             "resume_source": resume[1] if saved is not None else None})
+    return state
 
-    net = model
-    if session.in_ray and session.world_size > 1:
-        import ray.train.torch
 
-        net = ray.train.torch.prepare_model(model, move_to_device=False)
+def end_of_epoch(state: dict, select_loss: float, cfg: Config) -> tuple[bool, bool]:
+    """Early stopping on the selection loss (val, or enhanced val after the baseline), never on
+    test. Updates `state`; returns (improved, stopped early)."""
+    improved = select_loss < state["best_val_loss"]
+    state["best_val_loss"] = min(state["best_val_loss"], select_loss)
+    state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+    state["epoch"] += 1
+    stop_early = state["bad_epochs"] >= cfg.train.early_stopping_patience
+    state["finished"] = state["epoch"] >= cfg.train.epochs or stop_early
+    return improved, stop_early
 
+
+def run_epoch(net, model, train_loader, datasets, optimizer, scheduler, criterion, state: dict,
+              cfg: Config, session: Session) -> tuple[dict, bool, bool]:
+    """Train one epoch, validate, step the schedule, update early stopping; returns the
+    history row, whether it improved and whether training stops early."""
+    epoch = state["epoch"]
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout draws: fixed per epoch
+    datasets["train"].set_epoch(epoch)
+    train_loader.sampler.set_epoch(epoch)
+    stats = train_one_epoch(net, train_loader, optimizer, criterion, cfg, session)
+    val = split_metrics(model, datasets["val"], cfg, session.device)
+    select = split_metrics(model, datasets["select"], cfg, session.device) if "select" in datasets else val
+    scheduler.step()
+    improved, stop_early = end_of_epoch(state, select["loss"], cfg)
+    row = {"epoch": epoch + 1, **stats, **prefixed(val, "val"), "lr": optimizer.param_groups[0]["lr"],
+           "seconds": time.perf_counter() - started}
+    if select is not val:
+        row.update(prefixed(select, "select"))
+    state["history"].append(row)
+    return row, improved, stop_early
+
+
+def save_epoch(run_dir: Path, model, optimizer, scheduler, state: dict, row: dict, improved: bool,
+               stop_early: bool, cfg: Config, session: Session) -> Path | None:
+    """Rank 0: epochs.log, best.pt when improved, last.pt, history.json, the epoch line; returns
+    the folder to hand Ray as this epoch's checkpoint (None without Ray checkpoints)."""
+    with open(run_dir / EPOCH_LOG, "a") as handle:  # append-only: what really ran, resumed or not
+        handle.write(f"{row['epoch']} {os.getpid()}\n")
+    if improved:
+        save_classifier(run_dir / BEST, model, cfg, epoch=row["epoch"])
+    save_training_state(run_dir / LAST, model, optimizer, scheduler, state, model_meta(cfg, model))
+    ray_dir = None
+    if session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)
+        ray_dir = stage_for_ray(run_dir / LAST, run_dir / "ray_checkpoint", state["epoch"])
+    atomic_write_json(run_dir / "history.json", state["history"])
+    say(epoch_line(row, cfg, improved, stop_early and state["epoch"] < cfg.train.epochs))
+    return ray_dir
+
+
+def epoch_line(row: dict, cfg: Config, improved: bool, stopped_early: bool) -> str:
+    parts = [f"[{cfg.model.arch}] epoch {row['epoch']}/{cfg.train.epochs}",
+             f"train_loss {row['train_loss']:.4f}", f"train_acc {row['train_accuracy']:.3f}",
+             f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.3f}"]
+    if "select_loss" in row:
+        parts += [f"select_loss {row['select_loss']:.4f}", f"select_acc {row['select_accuracy']:.3f}"]
+    note = (" (best)" if improved else "") + (" - early stop" if stopped_early else "")
+    return "  ".join(parts) + f"  {row['seconds']:.1f}s{note}"
+
+
+def final_evaluation(model: Classifier, datasets: dict, cfg: Config, device: torch.device,
+                     run_dir: Path) -> dict:
+    """Reload the weights chosen on val (never test) and evaluate every original split."""
+    best = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    flat, results = evaluate_splits(model, datasets, cfg, device, run_dir, best_epoch=best["epoch"])
+    chosen_on = "enhanced val" if "select" in datasets else "val"
+    say(f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest {chosen_on} loss)\n"
+        + format_table(results))
+    return flat
+
+
+def train_func(loop_config: dict) -> None:
+    """Ray Train's entry point (also called directly in-process): fit one architecture with
+    the fields of `LoopConfig`, resuming after the last finished epoch. With `train_shards` the
+    model trains on the enhanced films and is still validated and tested on the originals."""
+    loop = LoopConfig(**loop_config)
+    cfg = Config.model_validate(loop.config)
+    run_dir = Path(loop.run_dir)
+    quiet_ray_train_logs()
+    session = Session.detect(loop.ray_checkpoints, loop.in_process)
+    if session.in_ray and loop.threads:
+        torch.set_num_threads(int(loop.threads))  # workers side by side share the cores
+    torch.manual_seed(cfg.seed)
+    datasets = build_datasets(cfg, ScanResult.load(loop.records), loop.train_shards)
+
+    model = make_model(cfg).to(session.device)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    criterion = make_criterion(cfg, datasets["train"].labels, session.device)
+    state = restore(run_dir, cfg, session, model, optimizer, scheduler)
+    net = session.distributed(model)
     train_loader = loader(datasets["train"], cfg, session, shuffle=True)
     if not state["finished"]:
         for name, ds in datasets.items():
             ds.preload(label=f"{cfg.model.arch} {name}" if session.is_main else "")
 
     while not state["finished"]:
-        epoch = state["epoch"]
-        started = time.perf_counter()
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout draws: fixed per epoch
-        datasets["train"].set_epoch(epoch)
-        train_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(net, train_loader, optimizer, criterion, cfg, session)
-        val = evaluate(model, datasets["val"], cfg, session.device)
-        select = evaluate(model, datasets["select"], cfg, session.device) if "select" in datasets else val
-        scheduler.step()
-
-        improved = select["loss"] < state["best_val_loss"]
-        state["best_val_loss"] = min(state["best_val_loss"], select["loss"])
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        state["epoch"] = epoch + 1
-        stop_early = state["bad_epochs"] >= cfg.train.early_stopping_patience
-        state["finished"] = state["epoch"] >= cfg.train.epochs or stop_early
-        row = {"epoch": epoch + 1, **stats, **prefixed(val, "val"), "lr": optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - started}
-        if select is not val:
-            row.update(prefixed(select, "select"))
-        state["history"].append(row)
-
+        row, improved, stop_early = run_epoch(net, model, train_loader, datasets, optimizer,
+                                              scheduler, criterion, state, cfg, session)
         ray_dir = None
         if session.is_main:
-            with open(run_dir / EPOCH_LOG, "a") as handle:  # append-only: what really ran, resumed or not
-                handle.write(f"{epoch + 1} {os.getpid()}\n")
-            if improved:
-                save_classifier(run_dir / BEST, model, cfg, epoch=epoch + 1)
-            checkpoint = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state,
-                "meta": model_meta(cfg, model),
-            }
-            atomic_torch_save(run_dir / LAST, checkpoint)
-            if session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)
-                ray_dir = stage_for_ray(run_dir / LAST, run_dir / "ray_checkpoint", state["epoch"])
-            atomic_write_json(run_dir / "history.json", state["history"])
-            note = " (best)" if improved else ""
-            note += " - early stop" if stop_early and state["epoch"] < cfg.train.epochs else ""
-            say(
-                f"[{cfg.model.arch}] epoch {epoch + 1}/{cfg.train.epochs}  train_loss {stats['train_loss']:.4f}  "
-                f"train_acc {stats['train_accuracy']:.3f}  val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.3f}  "
-                + (f"select_loss {select['loss']:.4f}  select_acc {select['accuracy']:.3f}  " if select is not val else "")
-                + f"{row['seconds']:.1f}s{note}"
-            )
+            ray_dir = save_epoch(run_dir, model, optimizer, scheduler, state, row, improved,
+                                 stop_early, cfg, session)
         session.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, ray_dir)
 
     final = final_evaluation(model, datasets, cfg, session.device, run_dir) if session.is_main else {}
     session.report({"final": 1, **final})
-
-
-def final_evaluation(model: Classifier, datasets: dict, cfg: Config, device: torch.device, run_dir: Path) -> dict:
-    """Reload the weights chosen on val and evaluate every split; write metrics and predictions."""
-    best = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)
-    model.load_state_dict(best["model"])
-    results, flat = {}, {"best_epoch": best["epoch"]}
-    for split in EVAL_SPLITS:
-        if split not in datasets:
-            continue
-        out = predict(model, datasets[split], cfg, device)
-        metrics = classification_metrics(out["labels"], out["probs"], out["losses"])
-        metrics["confusion_matrix"] = confusion_matrix(out["labels"], out["probs"] >= 0.5).tolist()
-        results[split] = metrics
-        flat.update(prefixed(metrics, split))
-        lines = ["path,label,prob_pneumonia"] + [
-            f"{r.path},{r.label},{p:.6f}" for r, p in zip(datasets[split].records, out["probs"])
-        ]
-        atomic_write_text(run_dir / f"predictions_{split}.csv", "\n".join(lines) + "\n")
-    atomic_write_json(run_dir / "metrics.json", {"flat": flat, "splits": results})
-    chosen_on = "enhanced val" if "select" in datasets else "val"
-    say(f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest {chosen_on} loss)\n" + format_table(results))
-    return flat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,18 +442,19 @@ def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, trai
     run_dir.mkdir(parents=True, exist_ok=True)
     workers = cfg.resources.num_workers
     # Every path absolute: a Ray Train worker runs in a folder of its own.
-    loop_config = {
-        "config": cfg.with_absolute_paths().model_dump(mode="json"),
-        "records": str(Path(records_path).resolve()),
-        "run_dir": str(run_dir.resolve()),
-        "ray_checkpoints": workers > 0,
-        "train_shards": str(Path(train_shards).resolve()) if train_shards else None,
-        "threads": threads,
-    }
+    loop = LoopConfig(
+        config=cfg.with_absolute_paths().model_dump(mode="json"),
+        records=str(Path(records_path).resolve()),
+        run_dir=str(run_dir.resolve()),
+        ray_checkpoints=workers > 0,
+        train_shards=str(Path(train_shards).resolve()) if train_shards else None,
+        threads=threads,
+        in_process=workers == 0,
+    )
     if workers == 0:
         # In this process, on whatever device it has: the same loop without a Train controller
         # (inside a Tune trial, which already holds its CPU or GPU).
-        train_func({**loop_config, "in_process": True})
+        train_func(asdict(loop))
         return json.loads((run_dir / "metrics.json").read_text())["flat"]
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -453,7 +466,7 @@ def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, trai
     (run_dir / STARTED).unlink(missing_ok=True)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config=loop_config,
+        train_loop_config=asdict(loop),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -488,9 +501,6 @@ class _TrainerWatch:
     @contextmanager
     def watch(self, name: str, run_dir: Path, cfg: Config, use_gpu: bool):
         import ray
-
-        from cycle.resources import trainer_request, waiting_message
-        from cycle.watchdog import Watchdog
 
         r = cfg.resources
         request = trainer_request(r.num_workers, r.cpus_per_worker, r.gpus_per_worker, use_gpu)

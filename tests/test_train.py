@@ -74,14 +74,14 @@ def test_early_stopping_keeps_the_weights_chosen_on_val(tmp_path, phantom_root, 
     cfg, records = _setup(tmp_path, phantom_root, "train.epochs=8", "train.early_stopping_patience=2")
     # Force a val-loss curve that turns up after epoch 2.
     losses = iter([0.6, 0.5, 0.55, 0.56, 0.57, 0.58, 0.59, 0.6])
-    real_evaluate = train_module.evaluate
+    real_evaluate = train_module.split_metrics
 
     def scripted(*args, **kwargs):
         metrics = real_evaluate(*args, **kwargs)
         metrics["loss"] = next(losses)
         return metrics
 
-    monkeypatch.setattr(train_module, "evaluate", scripted)
+    monkeypatch.setattr(train_module, "split_metrics", scripted)
     run_dir = tmp_path / "run"
     train_func(_loop_config(cfg, records, run_dir))
     history = json.loads((run_dir / "history.json").read_text())

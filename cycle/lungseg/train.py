@@ -17,10 +17,12 @@ import cv2
 import numpy as np
 import torch
 
+from cycle.checkpoint import read_checkpoint, restore_training_state, save_training_state
 from cycle.config import Config, config_hash
+from cycle.data.prepare import data_root
 from cycle.data.records import Skipped
 from cycle.data.transforms import Augment, ImageLoadError
-from cycle.io import atomic_torch_save, atomic_write_json
+from cycle.io import atomic_write_json, folder_lock
 from cycle.localization import bootstrap_ci
 from cycle.lungseg.data import Pair, find_pairs, load_pair
 from cycle.lungseg.masks import (
@@ -107,12 +109,9 @@ def train_lungseg(cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, track
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=lcfg.epochs)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     state = {"epoch": 0, "best_dice": -math.inf, "history": []}
-    if (out_dir / LAST).is_file():
-        saved = torch.load(out_dir / LAST, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+    saved = read_checkpoint(out_dir / LAST, log, "lungseg") if (out_dir / LAST).is_file() else None
+    if saved is not None:
+        state = restore_training_state(saved, model, optimizer, scheduler)
         log(f"[lungseg] resuming after epoch {state['epoch']}")
 
     while state["epoch"] < lcfg.epochs:
@@ -141,8 +140,7 @@ def train_lungseg(cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, track
         state["history"].append(row)
         if improved:
             save_lung_model(out_dir / BEST, model, size, epoch=epoch + 1)
-        atomic_torch_save(out_dir / LAST, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "scheduler": scheduler.state_dict(), "state": state, "meta": lung_model_meta(size)})
+        save_training_state(out_dir / LAST, model, optimizer, scheduler, state, lung_model_meta(size))
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         log(f"[lungseg] epoch {epoch + 1}/{lcfg.epochs}  loss {row['train_loss']:.4f}  val_dice {dice:.4f}  "
@@ -208,9 +206,6 @@ def ensure_lung_model(cfg: Config, log=print) -> Path:
     out = lung_model_dir(cfg)
     if (out / "metrics.json").is_file():
         return out / BEST
-    from cycle.data.prepare import data_root
-    from cycle.io import folder_lock
-
     # Jobs share the cached model: the second waits for the first to train it, then reuses it.
     with folder_lock(out, "the cached lung model", wait=True, log=log):
         if not (out / "metrics.json").is_file():
