@@ -117,13 +117,13 @@ def shard_worker_step(root: Path, data: Path, size: int) -> dict:
     from cycle.data.records import ScanResult, records_of
     from cycle.lungseg.masks import save_lung_model
     from cycle.lungseg.unet import build_unet
-    from cycle.shard_builder import EnhanceWorker, iter_enhanced, worker_settings
+    from cycle.shard_builder import EnhanceWorker, iter_enhanced
 
     cfg = load(None, [f"output_dir={root}", "model.arch=resnet50", f"data.image_size={size}", "cam.batch_size=64"])
     unet_path = root / "unet.pt"
     if not unet_path.is_file():
         save_lung_model(unet_path, build_unet(), image_size=256)
-    worker = EnhanceWorker(str(root / "train_fp32" / "best.pt"), str(unet_path), worker_settings(cfg))
+    worker = EnhanceWorker.from_config(str(root / "train_fp32" / "best.pt"), str(unet_path), cfg)
     train = records_of(ScanResult.load(root / "records.json").records, "train")
     list(iter_enhanced(cfg, train[:64], worker, batch_size=64))  # warm-up
     started = time.perf_counter()

@@ -37,7 +37,7 @@ from cycle.enhance import enhance_batch  # noqa: E402
 from cycle.lungseg.masks import predict, save_lung_model  # noqa: E402
 from cycle.lungseg.unet import build_unet  # noqa: E402
 from cycle.models import build_model  # noqa: E402
-from cycle.shard_builder import EnhanceWorker, build_shards, enhance_inprocess, worker_settings  # noqa: E402
+from cycle.shard_builder import EnhanceWorker, build_shards, enhance_inprocess  # noqa: E402
 
 
 def sequential(cfg, records, worker) -> None:
@@ -129,7 +129,7 @@ def main() -> None:
         torch.manual_seed(0)
         clf = save_classifier(tmp / "clf.pt", build_model(args.arch, image_size=args.size), cfg)
         save_lung_model(tmp / "unet.pt", build_unet(), image_size=128)
-        worker = EnhanceWorker(str(clf), str(tmp / "unet.pt"), worker_settings(cfg))
+        worker = EnhanceWorker.from_config(str(clf), str(tmp / "unet.pt"), cfg)
         n = len(records)
         print(f"machine: {os.cpu_count()} cores; {n:,} phantom films, {args.arch} at {args.size} px, "
               f"U-Net at 128 px, context_swap")

@@ -23,9 +23,15 @@ import numpy as np
 
 from cycle import faults
 from cycle.config import Config
+from cycle.data.prepare import prepare_records
 from cycle.data.records import ScanResult, records_of
+from cycle.evaluate import evaluate_localization, panel_records
 from cycle.io import atomic_write_json, atomic_write_text, folder_lock
+from cycle.lungseg import ensure_lung_model
+from cycle.ray_session import init_ray
 from cycle.run_config import check_run_config, record_run_config
+from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
+from cycle.train import run_training
 
 DONE = "DONE"
 REPORT_METRICS = (
@@ -129,8 +135,6 @@ class Runner:
     Tune trial, where Data tasks would wait for CPUs the trials hold)."""
 
     def __init__(self, cfg: Config, run_name: str, tracker=None, on_cycle=None, inprocess_shards: bool = False):
-        from cycle.ray_session import init_ray
-
         cfg = cfg.with_absolute_paths()  # workers run in folders of their own: no relative path survives
         self.cfg = cfg
         self.paths = RunPaths(Path(cfg.output_dir) / run_name)
@@ -151,9 +155,6 @@ class Runner:
 
     def prepare(self) -> tuple[Path, Path]:
         """Records (phantoms made if missing) and the lung model: the cheap-to-check inputs."""
-        from cycle.data.prepare import prepare_records
-        from cycle.lungseg.train import ensure_lung_model
-
         records_path = self.paths.root / "records.json"
         if records_path.is_file():
             try:
@@ -167,8 +168,6 @@ class Runner:
         return records_path, lung_model
 
     def train_stage(self, k: int, archs: list[str], records: Path, shards: dict[str, Path]) -> None:
-        from cycle.train import run_training
-
         pending = [a for a in archs if not self.paths.done(self.paths.stage(k, a, "train"))]
         if not pending:
             return
@@ -191,8 +190,6 @@ class Runner:
                 log(f"[cycle {k}] {arch}: training done")
 
     def shards_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> Path:
-        from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture, worker_settings
-
         stage = self.paths.stage(k, arch, "shards")
         if not self.paths.done(stage):
             previous = self.paths.stage(k - 1, arch, "train") / "best.pt"
@@ -201,14 +198,12 @@ class Runner:
             # val too: the fine-tune is selected on val films enhanced the same way (see train_func)
             build_shards(cfg, train + records_of(scan.records, "val"), previous, lung_model, stage / "data",
                          log=log, inprocess=self.inprocess_shards)
-            worker = EnhanceWorker(str(previous), str(lung_model), worker_settings(cfg))
+            worker = EnhanceWorker.from_config(str(previous), str(lung_model), cfg)
             sample_picture(cfg, train, worker, stage / "samples.png")
             self.paths.mark_done(stage)
         return stage / "data"
 
     def evaluate_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> dict:
-        from cycle.evaluate import evaluate_localization, panel_records
-
         stage = self.paths.stage(k, arch, "evaluate")
         if self.paths.done(stage):
             return json.loads((stage / "metrics.json").read_text())

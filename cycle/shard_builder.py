@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from cycle import faults
-from cycle.config import Config, config_hash
+from cycle.cam import compute_cam
+from cycle.checkpoint import load_classifier
+from cycle.config import CamConfig, Config, EnhanceConfig, config_hash
 from cycle.data.records import Record
 from cycle.data.shards import MANIFEST, OK, file_sha256, publish, read_manifest, write_manifest
 from cycle.data.transforms import (
@@ -36,6 +38,10 @@ from cycle.data.transforms import (
     preprocess_from_config,
 )
 from cycle.enhance import derangement, enhance_batch
+from cycle.lungseg.masks import load_lung_model
+from cycle.lungseg.masks import predict as predict_lungs
+from cycle.resources import plan_shard_pool, waiting_message
+from cycle.watchdog import Watchdog
 
 
 def decode_batch(batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: int, with_context: bool = False) -> dict:
@@ -82,31 +88,31 @@ def decode_batch(batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: 
 class EnhanceWorker:
     """Holds the classifier and the lung U-Net; turns decoded batches into shard rows."""
 
-    def __init__(self, classifier_path: str, lung_model_path: str, settings: dict, threads: int | None = None):
-        from cycle.checkpoint import load_classifier
-        from cycle.lungseg.masks import load_lung_model
-
+    def __init__(self, classifier_path: str | Path, lung_model_path: str | Path, enhance: EnhanceConfig,
+                 cam: CamConfig, seed: int, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.pre = load_classifier(classifier_path, self.device)
         self.unet = load_lung_model(lung_model_path, self.device)
-        self.s = settings
+        self.enhance_cfg, self.cam_cfg, self.seed = enhance, cam, seed
+
+    @classmethod
+    def from_config(cls, classifier_path: str | Path, lung_model_path: str | Path, cfg: Config,
+                    threads: int | None = None) -> EnhanceWorker:
+        return cls(classifier_path, lung_model_path, cfg.enhance, cfg.cam, cfg.seed, threads)
 
     def maps(self, films: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """R x R films -> (CAMs on the R x R canvas, zero outside the crop; lung masks; P(PNEUMONIA))."""
-        from cycle.cam import compute_cam
-        from cycle.lungseg.masks import predict
-
         x = torch.stack([self.pre.normalise(self.pre.crop(f)) for f in films]).to(self.device)
         # Fixed-size batches: a film's CAM and mask must not depend on how Ray Data batched it.
-        cams, logits = compute_cam(self.model, x, method=self.s["cam_method"], return_logits=True,
-                                   depth=self.s.get("cam_depth", 0), batch_size=self.s.get("batch_size", 32))
+        cams, logits = compute_cam(self.model, x, method=self.cam_cfg.method, return_logits=True,
+                                   depth=self.cam_cfg.depth, batch_size=self.cam_cfg.batch_size)
         r, s = self.pre.resize_to, self.pre.size
         off = (r - s) // 2
         canvas = np.zeros((len(films), r, r), np.float32)
         canvas[:, off : off + s, off : off + s] = cams.float().cpu().numpy()
-        lungs = np.stack(predict(self.unet, list(films)))
+        lungs = np.stack(predict_lungs(self.unet, list(films)))
         probs = logits.float().softmax(dim=1)[:, 1].cpu().numpy()
         return canvas, lungs, probs
 
@@ -114,11 +120,11 @@ class EnhanceWorker:
         """The decoded films `idx` of a decode_batch output -> (CAMs, P(PNEUMONIA), Enhanced)."""
         films = batch["film"][idx]
         cams, lungs, probs = self.maps(films)
-        rng = np.random.default_rng([self.s["seed"], zlib.crc32(str(batch["path"][idx[0]]).encode())])
-        context = batch["context"][idx].astype(np.float32) / 255.0 if self.s["mode"] == "context_swap" else None
-        result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, self.s["mode"], self.s["strength"],
-                               self.s["trust_threshold"], self.s["fallback"], rng, self.s["dilate_px"],
-                               context=context)
+        e = self.enhance_cfg
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["path"][idx[0]]).encode())])
+        context = batch["context"][idx].astype(np.float32) / 255.0 if e.mode == "context_swap" else None
+        result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, e.mode, e.strength,
+                               e.trust_threshold, e.fallback, rng, e.dilate_px, context=context)
         return cams, probs, result
 
     def __call__(self, batch: dict) -> dict:
@@ -154,13 +160,6 @@ def decode_arguments(cfg: Config, lookup: dict) -> dict:
     """decode_batch's arguments, the same for Ray Data and the in-process path."""
     return {"lookup": lookup, "preprocess": preprocess_from_config(cfg.data),
             "max_pixels": cfg.data.max_image_pixels, "with_context": cfg.enhance.mode == "context_swap"}
-
-
-def worker_settings(cfg: Config) -> dict:
-    e = cfg.enhance
-    return {"cam_method": cfg.cam.method, "cam_depth": cfg.cam.depth, "batch_size": cfg.cam.batch_size, "mode": e.mode, "strength": e.strength,
-            "trust_threshold": e.trust_threshold, "fallback": e.fallback, "dilate_px": e.dilate_px,
-            "seed": cfg.seed}
 
 
 def _inputs(records: Sequence[Record], seed: int) -> tuple[list[str], dict]:
@@ -252,9 +251,6 @@ def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, t
     import ray
     import ray.data
 
-    from cycle.resources import plan_shard_pool, waiting_message
-    from cycle.watchdog import Watchdog
-
     pool = plan_shard_pool(ray.cluster_resources(), gpus_per_actor, wanted_actors)
     log(f"[shards] Ray Data: {pool.describe()}")
     ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=pool.task_cpus)
@@ -268,7 +264,8 @@ def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, t
         num_gpus=pool.gpus_per_actor,
         num_cpus=pool.cpus_per_actor,
         fn_constructor_kwargs={"classifier_path": str(classifier_path), "lung_model_path": str(lung_model_path),
-                               "settings": worker_settings(cfg), "threads": threads or pool.threads_per_actor},
+                               "enhance": cfg.enhance, "cam": cfg.cam, "seed": cfg.seed,
+                               "threads": threads or pool.threads_per_actor},
     )
     request = {"CPU": pool.actors * pool.cpus_per_actor + pool.task_cpus, "GPU": pool.actors * pool.gpus_per_actor}
 
@@ -304,7 +301,7 @@ def _write_part(tmp: Path, index: int, batch: dict) -> None:
 
 def _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp: Path, batch_size: int,
                      threads: int | None) -> None:
-    worker = EnhanceWorker(str(classifier_path), str(lung_model_path), worker_settings(cfg), threads=threads)
+    worker = EnhanceWorker.from_config(classifier_path, lung_model_path, cfg, threads=threads)
     tmp.mkdir(parents=True, exist_ok=True)
     for i, batch in enumerate(iter_enhanced(cfg, records, worker, batch_size)):
         _write_part(tmp, i, batch)

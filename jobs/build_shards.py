@@ -19,7 +19,7 @@ import _common
 from cycle.data.prepare import prepare_records
 from cycle.data.records import DataError, records_of
 from cycle.ray_session import init_ray
-from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture, worker_settings
+from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
 from cycle.tracking import Tracker
 
 
@@ -48,7 +48,7 @@ def main() -> None:
                             gpus_per_actor=args.gpus_per_actor)
     samples = out / "samples.png"
     if not samples.is_file() or samples.stat().st_mtime < (out / "manifest.json").stat().st_mtime:
-        worker = EnhanceWorker(args.model, args.lung_model, worker_settings(cfg))
+        worker = EnhanceWorker.from_config(args.model, args.lung_model, cfg)
         sample_picture(cfg, train, worker, samples)
     with Tracker(cfg, run_name=f"shards-{out.name}", tags={"stage": "shards"}) as tracker:
         tracker.log_config()

@@ -12,7 +12,7 @@ from cycle.data.shards import ShardError, load_shards, read_manifest, read_shard
 from cycle.lungseg.masks import save_lung_model
 from cycle.lungseg.unet import build_unet
 from cycle.models import build_model
-from cycle.shard_builder import EnhanceWorker, build_shards, enhance_inprocess, worker_settings
+from cycle.shard_builder import EnhanceWorker, build_shards, enhance_inprocess
 
 pytestmark = pytest.mark.ray
 
@@ -56,7 +56,7 @@ def test_shards_read_back_equal_the_enhanced_images(setup, ray_session):
     out = tmp / "build"
     build_shards(cfg, records, clf, unet, out, log=lambda *_: None)
     shard_records, films, _ = load_shards(out)
-    worker = EnhanceWorker(str(clf), str(unet), worker_settings(cfg))
+    worker = EnhanceWorker.from_config(str(clf), str(unet), cfg)
     reference = {}
     for batch in enhance_inprocess(cfg, records, worker, batch_size=16):
         for path, png, status in zip(batch["path"], batch["image"], batch["status"]):
@@ -129,7 +129,7 @@ def test_context_swap_shards_do_not_depend_on_batching(setup, ray_session):
                               "enhance.strength=1.0"])
     build_shards(swap, records, clf, unet, tmp / "swap", batch_size=8, log=lambda *_: None)
     shard_records, films, stats = load_shards(tmp / "swap")
-    worker = EnhanceWorker(str(clf), str(unet), worker_settings(swap))
+    worker = EnhanceWorker.from_config(str(clf), str(unet), swap)
     reference = {p: png for b in enhance_inprocess(swap, records, worker, batch_size=13)
                  for p, png, s in zip(b["path"], b["image"], b["status"]) if s == "ok"}
     for record, film, stat in zip(shard_records, films, stats):
