@@ -87,7 +87,7 @@ def cam_step(batch: int, size: int, repeats: int) -> dict:
 def phantoms(root: Path, n: int) -> Path:
     from cycle.data.phantom import PhantomSpec, write_dataset
 
-    spec = PhantomSpec(n_train=n, n_val=0, n_test=n // 4, n_test_cf=n // 4)
+    spec = PhantomSpec.from_config(n_train=n, n_val=0, n_test=n // 4, n_test_cf=n // 4)
     return write_dataset(root / "phantoms", spec)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cycle.data.phantom import PhantomParams, PhantomSpec, generate, write_dataset  # noqa: E402
+from cycle.data.phantom import PhantomSpec, generate, write_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
     generate(n_mem, seed=0, size=args.size)
     in_memory = n_mem / (time.perf_counter() - started)
 
-    spec = PhantomSpec(seed=0, n_train=args.n - args.n // 5, n_val=0, n_test=args.n // 10,
-                       n_test_cf=args.n // 10, params=PhantomParams(size=args.size))
+    spec = PhantomSpec.from_config(seed=0, n_train=args.n - args.n // 5, n_val=0,
+                                   n_test=args.n // 10, n_test_cf=args.n // 10, size=args.size)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         write_dataset(tmp, spec)

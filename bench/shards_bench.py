@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from cycle.cam import compute_cam  # noqa: E402
 from cycle.checkpoint import save_classifier  # noqa: E402
 from cycle.config import load_config  # noqa: E402
-from cycle.data.phantom import PhantomParams, PhantomSpec, write_dataset  # noqa: E402
+from cycle.data.phantom import PhantomSpec, write_dataset  # noqa: E402
 from cycle.data.records import records_of, scan  # noqa: E402
 from cycle.data.transforms import load_grayscale  # noqa: E402
 from cycle.enhance import enhance_batch  # noqa: E402
@@ -121,8 +121,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = write_dataset(tmp / "ph", PhantomSpec(seed=0, n_train=args.n, n_val=0, n_test=4, n_test_cf=0,
-                                                     params=PhantomParams(size=256)))
+        root = write_dataset(tmp / "ph", PhantomSpec.from_config(
+            seed=0, n_train=args.n, n_val=0, n_test=4, n_test_cf=0, size=256))
         records = records_of(scan(root).records, "train")
         cfg = load_config(None, [f"output_dir={tmp}", f"model.arch={args.arch}", f"data.image_size={args.size}",
                                  "enhance.mode=context_swap", "enhance.strength=1.0"])

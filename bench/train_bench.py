@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from cycle.config import load_config  # noqa: E402
-from cycle.data.phantom import PhantomParams, PhantomSpec, write_dataset  # noqa: E402
+from cycle.data.phantom import PhantomSpec, write_dataset  # noqa: E402
 from cycle.data.records import load_dataset  # noqa: E402
 from cycle.train import run_training, train_func  # noqa: E402
 
@@ -45,8 +45,8 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = write_dataset(tmp / "ph", PhantomSpec(seed=0, n_train=args.n, n_val=0, n_test=8, n_test_cf=0,
-                                                     params=PhantomParams(size=256)))
+        root = write_dataset(tmp / "ph", PhantomSpec.from_config(
+            seed=0, n_train=args.n, n_val=0, n_test=8, n_test_cf=0, size=256))
         cfg = load_config(None, [f"output_dir={tmp}", f"model.arch={args.arch}", f"data.image_size={args.size}",
                                  f"train.epochs={args.epochs}", "train.early_stopping_patience=100",
                                  "resources.num_workers=1", "resources.cpus_per_worker=2"])

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from cycle.localization import energy_share
+
 MODES = ("highlight", "suppress", "context_swap")
 FALLBACKS = ("original", "lung_only", "drop")
 
@@ -30,7 +32,7 @@ class Enhanced:
     images: np.ndarray  # float32 [N, H, W] in [0, 1]
     keep: np.ndarray  # bool [N]: False where the fallback is "drop"
     trusted: np.ndarray  # bool [N]
-    lung_share: np.ndarray  # float [N]: CAM energy inside the lungs (NaN for a flat map)
+    lung_share: np.ndarray  # float [N]: CAM energy inside the lungs (NaN: flat map, no lungs)
     donors: np.ndarray  # int [N]: the context donor of each image (context_swap), else -1
 
 
@@ -46,12 +48,6 @@ def soft_mask(masks: np.ndarray, dilate_px: int, feather_px: float = 2.0) -> np.
             soft = np.maximum(soft, cv2.GaussianBlur(soft, (0, 0), feather_px))
         out[i] = soft
     return out
-
-
-def lung_energy_share(cams: np.ndarray, lungs: np.ndarray) -> np.ndarray:
-    total = cams.sum(axis=(1, 2))
-    inside = (cams * lungs).sum(axis=(1, 2))
-    return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
 
 
 def restrict(cams: np.ndarray, lung_soft: np.ndarray) -> np.ndarray:
@@ -135,7 +131,7 @@ def enhance_batch(
     images = np.asarray(images, np.float32)
     cams = np.asarray(cams, np.float32)
     lungs = np.asarray(lungs, bool)
-    share = lung_energy_share(cams, lungs)
+    share = energy_share(cams, lungs)  # NaN for a flat map or no lungs found: untrusted
     trusted = np.nan_to_num(share, nan=0.0) >= trust_threshold
     out, donors = overlay(images, cams, lungs, strength, mode, rng, dilate_px, context=context)
     keep = np.ones(len(images), bool)

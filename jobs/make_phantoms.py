@@ -12,7 +12,7 @@ import time
 import _common  # noqa: F401  (makes `cycle` importable)
 
 from cycle.config import PhantomConfig
-from cycle.data.phantom import generate, preview_grid, spec_from_config, split_seed, write_dataset
+from cycle.data.phantom import PhantomSpec, generate, preview_grid, split_seed, write_dataset
 from cycle.io import atomic_write_bytes
 
 
@@ -31,7 +31,7 @@ def main() -> None:
 
     values = {k: v for k, v in vars(args).items() if k in PhantomConfig.model_fields}
     try:
-        spec = spec_from_config(PhantomConfig(**values))
+        spec = PhantomSpec.from_config(PhantomConfig(**values))
     except ValueError as err:
         sys.exit(f"error: {err}")
     started = time.perf_counter()
@@ -54,10 +54,7 @@ def main() -> None:
 def write_preview(spec, path: str, n: int = 8) -> None:
     import cv2
 
-    p = spec.params
-    films = generate(n, split_seed(spec.seed, "train"), p.size, pneumonia_fraction=p.pneumonia_fraction,
-                     shortcut=p.shortcut, border_shortcut=p.border_shortcut,
-                     images_per_patient=p.images_per_patient)
+    films = generate(n, split_seed(spec.seed, "train"), spec.params)
     ok, png = cv2.imencode(".png", preview_grid(films, cols=2))
     atomic_write_bytes(path, png.tobytes())
 

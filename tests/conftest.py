@@ -22,9 +22,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A tiny Kaggle-layout phantom tree: train/val/test/test_cf with masks."""
-    from cycle.data.phantom import PhantomParams, PhantomSpec, write_dataset
+    from cycle.data.phantom import PhantomSpec, write_dataset
 
-    spec = PhantomSpec(seed=5, n_train=48, n_val=8, n_test=16, n_test_cf=16, params=PhantomParams(size=96))
+    spec = PhantomSpec.from_config(seed=5, n_train=48, n_val=8, n_test=16, n_test_cf=16, size=96)
     return write_dataset(tmp_path_factory.mktemp("phantoms"), spec, workers=1)
 
 

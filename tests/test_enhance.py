@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from cycle.enhance import derangement, enhance_batch, lung_energy_share, overlay, restrict
+from cycle.enhance import derangement, enhance_batch, overlay, restrict
+from cycle.localization import energy_share
 
 
 def _batch(n=4, size=32, seed=0):
@@ -61,7 +62,7 @@ def test_trust_rule_and_fallbacks():
     cams[1] = 0
     cams[1, 0:4, 0:4] = 1.0  # image 1's map points outside the lungs: not trusted
     rng = np.random.default_rng(0)
-    share = lung_energy_share(cams, lungs)
+    share = energy_share(cams, lungs)
     assert share[0] == pytest.approx(1.0) and share[1] == pytest.approx(0.0)
 
     kept = enhance_batch(images, cams, lungs, "highlight", 0.8, 0.5, "original", rng, dilate_px=0)

@@ -5,7 +5,6 @@ import pytest
 
 from cycle.data.phantom import (
     MASK_KINDS,
-    PhantomParams,
     PhantomSpec,
     generate,
     load_mask,
@@ -76,7 +75,7 @@ def test_images_of_a_patient_share_label_and_id():
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    spec = PhantomSpec(seed=1, n_train=20, n_val=4, n_test=8, n_test_cf=8, params=PhantomParams(size=64))
+    spec = PhantomSpec.from_config(seed=1, n_train=20, n_val=4, n_test=8, n_test_cf=8, size=64)
     out = tmp_path_factory.mktemp("ph")
     return out, spec, write_dataset(out, spec, workers=2)
 
@@ -113,7 +112,7 @@ def test_same_spec_is_reused_and_another_needs_force(tree):
     stamp = (root / "phantom.json").stat().st_mtime_ns
     assert write_dataset(out, spec) == root
     assert (root / "phantom.json").stat().st_mtime_ns == stamp
-    other = PhantomSpec(seed=2, n_train=8, n_val=0, n_test=4, n_test_cf=0, params=PhantomParams(size=64))
+    other = PhantomSpec.from_config(seed=2, n_train=8, n_val=0, n_test=4, n_test_cf=0, size=64)
     with pytest.raises(FileExistsError, match="force"):
         write_dataset(out, other)
     assert write_dataset(out, other, force=True, workers=1) == root

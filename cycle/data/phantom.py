@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cycle.config import PhantomConfig
 from cycle.data.records import CLASSES
 from cycle.io import atomic_write_json
 
@@ -37,11 +38,18 @@ FORMAT_VERSION = 2  # bump whenever the generator draws different films
 
 @dataclass(frozen=True)
 class PhantomParams:
-    size: int = 256
-    pneumonia_fraction: float = 0.5
-    shortcut: float = 0.9
-    border_shortcut: float = 0.75
-    images_per_patient: int = 2
+    """How each film is drawn. No defaults here: they live in `PhantomConfig`, once."""
+
+    size: int
+    pneumonia_fraction: float
+    shortcut: float
+    border_shortcut: float
+    images_per_patient: int
+
+    @classmethod
+    def from_config(cls, cfg: PhantomConfig) -> PhantomParams:
+        return cls(size=cfg.size, pneumonia_fraction=cfg.pneumonia_fraction, shortcut=cfg.shortcut,
+                   border_shortcut=cfg.border_shortcut, images_per_patient=cfg.images_per_patient)
 
 
 @dataclass
@@ -61,17 +69,19 @@ class Phantoms:
 def generate(
     n: int,
     seed: int,
-    size: int = 256,
+    params: PhantomParams | None = None,
+    *,
     counterfactual: bool = False,
-    pneumonia_fraction: float = 0.5,
-    shortcut: float = 0.9,
-    border_shortcut: float = 0.75,
-    images_per_patient: int = 2,
     start: int = 0,
     patient_offset: int = 0,
+    **settings,
 ) -> Phantoms:
-    """Generate films `start .. start+n-1` of the stream defined by `seed`."""
-    params = PhantomParams(size, pneumonia_fraction, shortcut, border_shortcut, images_per_patient)
+    """Generate films `start .. start+n-1` of the stream defined by `seed`. Without `params`,
+    `settings` are PhantomConfig fields (e.g. size=96); the rest are the config's defaults."""
+    if params is None:
+        params = PhantomParams.from_config(PhantomConfig(**settings))
+    elif settings:
+        raise TypeError("pass either params or PhantomConfig settings, not both")
     films = [_film(seed, i, params, counterfactual, patient_offset) for i in range(start, start + n)]
     return Phantoms(
         images=np.stack([f["image"] for f in films]),
@@ -90,14 +100,48 @@ def generate(
 
 
 def _film(seed: int, index: int, p: PhantomParams, counterfactual: bool, patient_offset: int) -> dict:
+    """One film and its truth. The random draws happen in a fixed order (patient, cues, pose,
+    body, lesion, exposure, edge, stamps): a film depends only on (seed, index)."""
     pid = index // p.images_per_patient
     patient_rng = np.random.default_rng([seed, 0, pid])
     rng = np.random.default_rng([seed, 1, index])
     label = int(patient_rng.random() < p.pneumonia_fraction)
     anatomy = _anatomy(patient_rng)
     s = p.size
+    cues = _draw_cues(rng, p, label, counterfactual)
+    # Per-film pose jitter of the same patient's anatomy.
+    pose = _Pose(shift=rng.uniform(-0.03, 0.03, size=2), zoom=rng.uniform(0.96, 1.04), size=s)
+    img, lungs = _render_body(anatomy, pose, rng)
 
-    # Confounders: their link to the label is what the classifier can cheat with.
+    lesions = np.zeros((s, s), bool)
+    if label == 1:
+        opacity = _opacity(rng, lungs, s)
+        img += opacity
+        lesions = (opacity > 0.3 * opacity.max()) & lungs.astype(bool)
+
+    # Exposure, contrast and quantum noise.
+    img = np.clip(img, 0, None) ** anatomy["gamma"]
+    img = img * anatomy["gain"] + rng.normal(0, anatomy["noise"], size=img.shape).astype(np.float32)
+    img = cv2.GaussianBlur(img, (0, 0), 0.6)
+    if cues["border"] > 0:
+        _unexposed_edge(img, lungs, lesions, cues["border"], rng)
+
+    confounders = np.zeros((s, s), np.uint8)
+    if cues["tag"]:
+        cues["tag"] = _stamp(img, confounders, lungs, "A-P", rng, s, x_range=(0.1, 0.3),
+                             y_range=(0.07, 0.12), scale=0.0021)
+    if cues["marker"]:
+        cues["marker"] = _stamp(img, confounders, lungs, "R", rng, s, x_range=(0.05, 0.1),
+                                y_range=(0.18, 0.4), scale=0.0024, boxed=True)
+    image = np.clip(img * 255.0, 0, 255).astype(np.uint8)
+    truth = {"lungs": lungs.astype(bool), "lesions": lesions, "confounders": confounders.astype(bool)}
+    return _film_record(image, truth, label, cues, index, patient_offset + pid, patient_rng)
+
+
+def _draw_cues(rng: np.random.Generator, p: PhantomParams, label: int,
+               counterfactual: bool) -> dict:
+    """The confounders: their link to the label is what a classifier can cheat with (reversed
+    in the counterfactual split)."""
     tag_p = p.shortcut if label == 1 else 1.0 - p.shortcut
     wide_p = p.border_shortcut if label == 0 else 1.0 - p.border_shortcut
     if counterfactual:
@@ -106,16 +150,27 @@ def _film(seed: int, index: int, p: PhantomParams, counterfactual: bool, patient
     wide_border = bool(rng.random() < wide_p)
     has_marker = bool(rng.random() < 0.5)
     border = rng.uniform(0.07, 0.12) if wide_border else rng.uniform(0.0, 0.035)
+    return {"tag": has_tag, "marker": has_marker, "border": border}
 
-    # Per-film pose jitter of the same patient's anatomy.
-    shift = rng.uniform(-0.03, 0.03, size=2)
-    zoom = rng.uniform(0.96, 1.04)
 
-    def px(u, v):
-        u = np.asarray(u) * zoom + shift[0]
-        v = np.asarray(v) * zoom + shift[1]
+@dataclass(frozen=True)
+class _Pose:
+    shift: np.ndarray  # (u, v) offset
+    zoom: float
+    size: int
+
+    def px(self, u, v) -> np.ndarray:
+        """Body coordinates in [-1, 1] -> pixel coordinates of this film."""
+        u = np.asarray(u) * self.zoom + self.shift[0]
+        v = np.asarray(v) * self.zoom + self.shift[1]
+        s = self.size
         return np.stack([(u + 1) * 0.5 * s, (v + 1) * 0.5 * s], axis=-1).round().astype(np.int32)
 
+
+def _render_body(anatomy: dict, pose: _Pose, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Soft tissue, lungs with vascular markings, heart, spine, ribs and clavicles -> (image in
+    [0, ~1] before exposure, lung mask as uint8)."""
+    s, px = pose.size, pose.px
     img = np.zeros((s, s), np.float32)
     body = np.zeros((s, s), np.uint8)
     cv2.fillPoly(body, [px(*anatomy["body"])], 1)
@@ -133,7 +188,7 @@ def _film(seed: int, index: int, p: PhantomParams, counterfactual: bool, patient
     heart = np.zeros((s, s), np.uint8)
     hc, hr = anatomy["heart"]
     centre = tuple(int(c) for c in px(*hc))
-    axes = (int(hr[0] * zoom * s / 2), int(hr[1] * zoom * s / 2))
+    axes = (int(hr[0] * pose.zoom * s / 2), int(hr[1] * pose.zoom * s / 2))
     cv2.ellipse(heart, centre, axes, anatomy["heart_angle"], 0, 360, 1, -1)
     lungs &= 1 - heart
     lung_soft = cv2.GaussianBlur(lungs.astype(np.float32), (0, 0), s * 0.008)
@@ -145,7 +200,7 @@ def _film(seed: int, index: int, p: PhantomParams, counterfactual: bool, patient
     img += anatomy["heart_density"] * heart_soft
     spine = np.zeros((s, s), np.float32)
     cv2.fillPoly(spine, [px(*anatomy["spine"])], 1.0)
-    levels = (np.sin((yy + shift[1]) * s * 0.11) > 0.6).astype(np.float32)  # vertebral bodies
+    levels = (np.sin((yy + pose.shift[1]) * s * 0.11) > 0.6).astype(np.float32)  # vertebral bodies
     img += (0.08 + 0.03 * levels) * cv2.GaussianBlur(spine, (0, 0), s * 0.006) * soft
 
     bones = np.zeros((s, s), np.float32)
@@ -157,56 +212,44 @@ def _film(seed: int, index: int, p: PhantomParams, counterfactual: bool, patient
     thorax = np.clip((anatomy["diaphragm"] + 0.08 - yy) * 6, 0, 1)  # ribs fade below the domes
     bones = cv2.GaussianBlur(bones, (0, 0), s * 0.004) * soft * thorax
     img += anatomy["bone"] * bones
+    return img, lungs
 
-    lesions = np.zeros((s, s), bool)
-    if label == 1:
-        opacity = _opacity(rng, lungs, s)
-        img += opacity
-        lesions = (opacity > 0.3 * opacity.max()) & lungs.astype(bool)
 
-    # Exposure, contrast and quantum noise.
-    img = np.clip(img, 0, None) ** anatomy["gamma"]
-    img = img * anatomy["gain"] + rng.normal(0, anatomy["noise"], size=img.shape).astype(np.float32)
-    img = cv2.GaussianBlur(img, (0, 0), 0.6)
+def _unexposed_edge(img: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, border: float,
+                    rng: np.random.Generator) -> None:
+    """The film's unexposed edge, in place: void, whatever lies beneath; what the film does not
+    show is not lung (nor lesion) in the truth."""
+    s = img.shape[0]
+    b = int(round(border * s))
+    frame = np.ones((s, s), bool)
+    frame[b : s - b, b : s - b] = False
+    img[frame] = rng.uniform(0.0, 0.03)
+    lungs[frame] = 0
+    lesions &= ~frame
 
-    if border > 0:  # unexposed edge of the film: void, whatever lies beneath
-        b = int(round(border * s))
-        frame = np.ones((s, s), bool)
-        frame[b : s - b, b : s - b] = False
-        img[frame] = rng.uniform(0.0, 0.03)
-        lungs[frame] = 0  # what the film does not show is not lung (nor lesion) in the truth
-        lesions &= ~frame
 
-    confounders = np.zeros((s, s), np.uint8)
-    if has_tag:
-        has_tag = _stamp(img, confounders, lungs, "A-P", rng, s, x_range=(0.1, 0.3), y_range=(0.07, 0.12), scale=0.0021)
-    if has_marker:
-        has_marker = _stamp(img, confounders, lungs, "R", rng, s, x_range=(0.05, 0.1), y_range=(0.18, 0.4), scale=0.0024, boxed=True)
-
-    image = np.clip(img * 255.0, 0, 255).astype(np.uint8)
-    klass = CLASSES[label]
-    patient_number = patient_offset + pid
+def _film_record(image: np.ndarray, truth: dict, label: int, cues: dict, index: int,
+                 patient_number: int, patient_rng: np.random.Generator) -> dict:
+    """The film with its truth masks, Kermany-style name, patient and attributes."""
     kind = "bacteria" if patient_rng.random() < 0.65 else "virus"
-    name = (
-        f"person{patient_number}_{kind}_{index}" if label == 1 else f"IM-{patient_number:06d}-{index:04d}"
-    )
-    patient = f"PERSON{patient_number}" if label == 1 else f"IM-{patient_number:06d}"
+    if label == 1:
+        name, patient = f"person{patient_number}_{kind}_{index}", f"PERSON{patient_number}"
+    else:
+        name, patient = f"IM-{patient_number:06d}-{index:04d}", f"IM-{patient_number:06d}"
     return {
         "image": image,
-        "lungs": lungs.astype(bool),
-        "lesions": lesions,
-        "confounders": confounders.astype(bool),
+        **truth,
         "label": label,
         "patient": patient,
         "name": name,
         "attributes": {
             "name": name,
-            "class": klass,
+            "class": CLASSES[label],
             "patient": patient,
-            "tag": int(has_tag),
-            "marker": int(has_marker),
-            "border": round(float(border), 4),
-            "lesion_pixels": int(lesions.sum()),
+            "tag": int(cues["tag"]),
+            "marker": int(cues["marker"]),
+            "border": round(float(cues["border"]), 4),
+            "lesion_pixels": int(truth["lesions"].sum()),
         },
     }
 
@@ -355,15 +398,26 @@ def _stamp(img, mask, lungs, text, rng, s, x_range, y_range, scale, boxed=False)
 
 @dataclass(frozen=True)
 class PhantomSpec:
-    """What a phantom tree on disk was generated from (compared before reuse)."""
+    """What a phantom tree on disk was generated from (compared before reuse). Built from a
+    `PhantomConfig` (`from_config`), whose defaults are the only ones."""
 
-    seed: int = 0
-    n_train: int = 2000
-    n_val: int = 16
-    n_test: int = 400
-    n_test_cf: int = 400
-    params: PhantomParams = PhantomParams()
+    seed: int
+    n_train: int
+    n_val: int
+    n_test: int
+    n_test_cf: int
+    params: PhantomParams
     version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_config(cls, cfg: PhantomConfig | None = None, **settings) -> PhantomSpec:
+        """The spec of `cfg`, or of PhantomConfig(**settings) (e.g. n_train=48, size=96)."""
+        if cfg is None:
+            cfg = PhantomConfig(**settings)
+        elif settings:
+            cfg = cfg.model_copy(update=settings)
+        return cls(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                   n_test_cf=cfg.n_test_cf, params=PhantomParams.from_config(cfg))
 
     def split_sizes(self) -> dict[str, int]:
         sizes = {"train": self.n_train, "val": self.n_val, "test": self.n_test, "test_cf": self.n_test_cf}
@@ -371,23 +425,6 @@ class PhantomSpec:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def spec_from_config(phantom_cfg) -> PhantomSpec:
-    return PhantomSpec(
-        seed=phantom_cfg.seed,
-        n_train=phantom_cfg.n_train,
-        n_val=phantom_cfg.n_val,
-        n_test=phantom_cfg.n_test,
-        n_test_cf=phantom_cfg.n_test_cf,
-        params=PhantomParams(
-            size=phantom_cfg.size,
-            pneumonia_fraction=phantom_cfg.pneumonia_fraction,
-            shortcut=phantom_cfg.shortcut,
-            border_shortcut=phantom_cfg.border_shortcut,
-            images_per_patient=phantom_cfg.images_per_patient,
-        ),
-    )
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -411,7 +448,7 @@ def load_mask(image_path: str | Path, kind: str) -> np.ndarray | None:
 
 def write_dataset(
     out_dir: str | Path,
-    spec: PhantomSpec = PhantomSpec(),
+    spec: PhantomSpec | None = None,
     workers: int | None = None,
     force: bool = False,
     progress=None,
@@ -421,6 +458,7 @@ def write_dataset(
     A tree generated from the same spec is reused; a different spec is regenerated only with
     `force` (so a typo never deletes a data set someone is using).
     """
+    spec = spec or PhantomSpec.from_config()
     out_dir = Path(out_dir)
     root = out_dir / "chest_xray"
     meta = root / "phantom.json"
@@ -473,12 +511,8 @@ def write_dataset(
 def _write_chunk(job) -> list[dict]:
     tmp, split, seed, start, n, params, offset = job
     cv2.setNumThreads(1)
-    batch = generate(
-        n, seed, params.size, counterfactual=(split == "test_cf"),
-        pneumonia_fraction=params.pneumonia_fraction, shortcut=params.shortcut,
-        border_shortcut=params.border_shortcut, images_per_patient=params.images_per_patient,
-        start=start, patient_offset=offset,
-    )
+    batch = generate(n, seed, params, counterfactual=(split == "test_cf"), start=start,
+                     patient_offset=offset)
     root = Path(tmp)
     rows = []
     png = [cv2.IMWRITE_PNG_COMPRESSION, 1]

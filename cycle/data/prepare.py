@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from cycle.config import Config
-from cycle.data.phantom import spec_from_config, write_dataset
+from cycle.data.phantom import PhantomSpec, write_dataset
 from cycle.data.records import ScanResult, load_dataset
 from cycle.io import folder_lock
 
@@ -26,7 +26,7 @@ def data_root(cfg: Config, verbose: bool = False) -> Path:
         if verbose and not (out / "chest_xray" / "phantom.json").is_file():
             _say(f"generating phantom chest X-rays in {out} ...")
         # A changed phantom spec regenerates the tree: it is derived data, owned by this output dir.
-        return write_dataset(out, spec_from_config(cfg.data.phantom), force=True,
+        return write_dataset(out, PhantomSpec.from_config(cfg.data.phantom), force=True,
                              progress=report if verbose else None)
 
 
