@@ -1,0 +1,33 @@
+"""The package's face: what `import cycle` offers a script, and that it stays cheap."""
+
+import subprocess
+import sys
+
+import cycle
+
+
+def test_every_public_name_resolves_to_the_object_in_its_module():
+    from cycle.cam import grad_cam
+    from cycle.lungseg.masks import predict
+    from cycle.shard_builder import build_shards
+
+    missing = [name for name in cycle.__all__ if getattr(cycle, name, None) is None]
+    assert not missing
+    assert cycle.grad_cam is grad_cam and cycle.predict_lungs is predict
+    assert cycle.build_shards is build_shards
+
+
+def test_import_cycle_loads_no_torch_ray_or_mlflow():
+    code = ("import sys, cycle; cycle.Config; "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    try:
+        cycle.no_such_thing  # noqa: B018
+    except AttributeError as err:
+        assert "no_such_thing" in str(err)
+    else:
+        raise AssertionError("expected AttributeError")
