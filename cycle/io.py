@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -62,8 +63,6 @@ def folder_lock(folder: str | Path, what: str, wait: bool, log: Callable[[str], 
     `wait=False` refuses at once with LockHeld naming the holder (a run folder: two jobs must
     never write one run); `wait=True` waits for it (a shared cache: the second job reuses what
     the first made). A lock file left by a dead process is taken over, with a message."""
-    import fcntl
-
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     path = folder.parent / f".{folder.name}.lock"  # beside it: a folder rebuilt whole keeps its lock

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")  # headless: servers, CI, Ray workers
@@ -14,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cycle.data.records import CLASSES  # noqa: E402
-from cycle.io import atomic_write  # noqa: E402
+from cycle.io import atomic_write, atomic_write_bytes  # noqa: E402
 
 CMAP = "inferno"  # perceptually uniform, readable in grayscale print
 CONFIDENT = 0.9
@@ -182,8 +183,6 @@ def mask_comparison(films, truths, preds, path: str | Path, cols: int = 4) -> Pa
 def enhanced_grid(originals, cams, enhanced, path: str | Path, cols: int = 7, alpha: float = 0.45) -> Path:
     """Triplets (film, film + CAM, enhanced film), `cols` triplets a row; arrays [N, H, W] in [0, 1].
     Drawn with OpenCV: 49 triplets render in milliseconds."""
-    import cv2
-
     tiles = []
     for film, cam, out in zip(originals, cams, enhanced):
         gray = cv2.cvtColor(np.clip(film * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
@@ -196,8 +195,6 @@ def enhanced_grid(originals, cams, enhanced, path: str | Path, cols: int = 7, al
         tiles.append(np.zeros_like(tiles[0]))
     sheet = np.concatenate([np.concatenate(tiles[r : r + cols], axis=1) for r in range(0, len(tiles), cols)], axis=0)
     ok, png = cv2.imencode(".png", sheet)
-    from cycle.io import atomic_write_bytes
-
     return atomic_write_bytes(path, png.tobytes())
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from cycle import faults
@@ -289,9 +291,6 @@ def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, t
 
 
 def _write_part(tmp: Path, index: int, batch: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.table({k: list(v) if np.asarray(v).dtype == object else v for k, v in batch.items()})
     path = tmp / f"part-{index:05d}.parquet"
     pq.write_table(table, path.with_suffix(".tmp"))

@@ -10,6 +10,7 @@ import sys
 import time
 
 import _common  # noqa: F401  (makes `cycle` importable)
+import cv2
 
 from cycle.config import PhantomConfig
 from cycle.data.phantom import PhantomSpec, generate, preview_grid, split_seed, write_dataset
@@ -52,8 +53,6 @@ def main() -> None:
 
 
 def write_preview(spec, path: str, n: int = 8) -> None:
-    import cv2
-
     films = generate(n, split_seed(spec.seed, "train"), spec.params)
     ok, png = cv2.imencode(".png", preview_grid(films, cols=2))
     atomic_write_bytes(path, png.tobytes())

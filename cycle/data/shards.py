@@ -20,6 +20,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 
 from cycle.data.records import Record
 from cycle.io import atomic_write_json
@@ -42,8 +43,6 @@ def file_sha256(path: str | Path) -> str:
 
 def write_manifest(tmp_dir: Path, build_key: str, n_in: int, extra: dict) -> dict:
     """Count what the shards in `tmp_dir` hold and write the manifest (last file of a build)."""
-    import pyarrow.parquet as pq
-
     shards, statuses, reasons, untrusted = [], Counter(), Counter(), 0
     for path in sorted(tmp_dir.glob("*.parquet")):
         table = pq.read_table(path, columns=["status", "reason", "trusted"])
@@ -113,8 +112,6 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def load_shards(shard_dir: str | Path, verify: bool = True) -> tuple[list[Record], list[np.ndarray], list[dict]]:
     """In-process read: (records, enhanced films uint8 R x R, per-row stats) of the ok rows."""
-    import pyarrow.parquet as pq
-
     records, films, stats = [], [], []
     for file in shard_files(shard_dir, verify):
         table = pq.read_table(file).to_pylist()

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cycle.data.phantom import mask_path
 from cycle.data.records import Skipped, load_dataset
 from cycle.data.transforms import IMAGE_EXTENSIONS, ImageLoadError, load_grayscale
 
@@ -99,8 +100,6 @@ def find_pairs(root: str | Path, val_fraction: float = 0.15, test_fraction: floa
 
 
 def _phantom_pairs(root: Path, val_fraction: float, seed: int, cache_dir) -> tuple[list[Pair], list[Skipped]]:
-    from cycle.data.phantom import mask_path
-
     tree = root / "chest_xray" if (root / "chest_xray").is_dir() else root
     scan = load_dataset(tree, val_fraction, seed, cache_dir)
     pairs, skipped = [], list(scan.skipped)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cycle.io import atomic_torch_save
 from cycle.lungseg.unet import DEFAULT_CHANNELS, build_unet, size_multiple
 
 MEAN, STD = 0.449, 0.226
@@ -88,8 +89,6 @@ def lung_model_meta(image_size: int, channels=DEFAULT_CHANNELS, num_res_units: i
 
 def save_lung_model(path: str | Path, model: nn.Module, image_size: int, **extra) -> Path:
     """Weights + what `load_lung_model` needs to rebuild the network, written atomically."""
-    from cycle.io import atomic_torch_save
-
     return atomic_torch_save(path, {"model": model.state_dict(), "meta": lung_model_meta(image_size), **extra})
 
 
