@@ -102,3 +102,16 @@ def test_pictures_are_written(tmp_path):
                  "resnet18": [{"acc": 0.8}, {"acc": 0.85}]}
     assert _is_png(plots.cycle_curves(per_cycle, ["acc"], tmp_path / "curves.png"))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_enhanced_samples_sheet_wraps_to_a_readable_grid(tmp_path):
+    """Nine films once came out as one 2,352 x 232 strip: the sheet now stays about square."""
+    import cv2
+
+    from cycle.plots import enhanced_grid
+
+    for n in (9, 49):
+        films = np.random.default_rng(n).random((n, 110, 110)).astype(np.float32)
+        sheet = cv2.imread(str(enhanced_grid(films, films, films, tmp_path / f"s{n}.png")))
+        height, width = sheet.shape[:2]
+        assert 0.6 <= height / width <= 1.6, (n, sheet.shape)
