@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cycle.config import Config
-from cycle.io import atomic_write_json, atomic_write_text
+from cycle.report import EVIDENCE_METRICS, write_cycle_report
+from cycle.runner import Runner
 
 # The control keeps the default mode at strength 0: the enhanced film *is* the original film, and
 # everything else (shards, epochs, lr, selection) is the same.
@@ -27,10 +28,6 @@ VARIANTS: dict[str, dict[str, object]] = {
     "suppress": {"enhance.mode": "suppress"},
     "context_swap": {"enhance.mode": "context_swap"},
 }
-METRICS = (
-    ("test_accuracy", "test acc"), ("test_cf_accuracy", "cf acc"), ("lesion_pointing_game", "pointing"),
-    ("lung_energy_share", "lung share"), ("confounder_energy_share", "confounder share"),
-)
 
 
 def variant_config(cfg: Config, seed: int, variant: str) -> Config:
@@ -57,8 +54,6 @@ def share_baseline(source: Path, target: Path) -> None:
 def run_evidence(cfg: Config, seeds: list[int], variants: list[str], prefix: str, log=print,
                  inprocess_shards: bool = False) -> Path:
     """Run every (seed, variant) cycle job; returns the folder of the evidence report."""
-    from cycle.runner import Runner, write_report
-
     out = Path(cfg.output_dir)
     for seed in seeds:
         first = None
@@ -72,7 +67,7 @@ def run_evidence(cfg: Config, seeds: list[int], variants: list[str], prefix: str
             runner = Runner(variant_config(cfg, seed, variant), name, inprocess_shards=inprocess_shards)
             with runner.claim():
                 state = runner.run()
-                write_report(runner, state, "tracking: see the evidence report")
+                write_cycle_report(runner, state, "tracking: see the evidence report")
             first = first or name
     return out / prefix
 
@@ -144,14 +139,14 @@ def collect(out_dir: Path, prefix: str, seeds: list[int], variants: list[str], a
                     continue
                 b, a = per_film(root, arch, 0), per_film(root, arch, k)
                 used.append(seed)
-                for metric, _ in METRICS:
+                for metric, _ in EVIDENCE_METRICS:
                     if metric in b and metric in a:
                         before.setdefault(metric, []).append(b[metric])
                         after.setdefault(metric, []).append(a[metric])
             if not used:
                 continue
             row = {}
-            for metric, _ in METRICS:
+            for metric, _ in EVIDENCE_METRICS:
                 if metric not in before:
                     continue
                 change, low, high = paired_bootstrap(before[metric], after[metric])
@@ -160,33 +155,3 @@ def collect(out_dir: Path, prefix: str, seeds: list[int], variants: list[str], a
                                "change": change, "low": low, "high": high, "seeds": used}
             table.setdefault(arch, {})[variant] = row
     return table
-
-
-def evidence_markdown(table: dict) -> str:
-    """One row per (arch, variant): baseline -> last cycle, and the change with its 95% interval."""
-    header = "| arch | variant | seeds | " + " | ".join(label for _, label in METRICS) + " |"
-    lines = [header, "|" + "---|" * (3 + len(METRICS))]
-    for arch, variants in table.items():
-        for variant, row in variants.items():
-            seeds = next(iter(row.values()))["seeds"] if row else []
-            cells = []
-            for metric, _ in METRICS:
-                m = row.get(metric)
-                cells.append("n/a" if m is None else
-                             f"{m['baseline']:.3f} → {m['last']:.3f} ({m['change']:+.3f}, {m['low']:+.3f}…{m['high']:+.3f})")
-            lines.append(f"| {arch} | {variant} | {len(seeds)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_evidence(out_dir: Path, prefix: str, table: dict, settings: str) -> Path:
-    folder = out_dir / prefix
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "evidence.json", table)
-    text = "\n".join([
-        f"# Evidence: {prefix}", "",
-        "Baseline (cycle 0) → last cycle on the original test films, mean over seeds; in brackets the "
-        "change and its 95% interval (paired two-level bootstrap: seeds, then films). `control` is the "
-        "same fine-tuning on the original films (enhancement strength 0).", "",
-        evidence_markdown(table), "", settings, "",
-    ])
-    return atomic_write_text(folder / "evidence.md", text)

@@ -13,36 +13,30 @@ threads of this driver); MLflow is written from this thread only (SQLite likes o
 from __future__ import annotations
 
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cycle import faults
 from cycle.config import Config
+from cycle.console import log
 from cycle.data.prepare import prepare_records
 from cycle.data.records import ScanResult, records_of
+from cycle.data.shards import read_manifest
 from cycle.evaluate import evaluate_localization, panel_records
-from cycle.io import atomic_write_json, atomic_write_text, folder_lock
+from cycle.io import atomic_write_json, folder_lock
 from cycle.lungseg import ensure_lung_model
 from cycle.ray_session import init_ray
 from cycle.run_config import check_run_config, record_run_config
 from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
+from cycle.tracking import track_cycle
 from cycle.train import run_training
 
 DONE = "DONE"
-REPORT_METRICS = (
-    ("test_accuracy", "test acc"), ("test_sensitivity", "sens"), ("test_specificity", "spec"),
-    ("test_auc", "AUC"), ("test_cf_accuracy", "cf acc"), ("lung_energy_share", "lung share"),
-    ("lesion_pointing_game", "pointing"), ("confounder_energy_share", "confounder share"),
-)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -72,10 +66,6 @@ class RunPaths:
 
 def damaged_outputs(stage_dir: Path) -> str | None:
     """What is wrong with a finished stage's files, or None. Checks what later stages read."""
-    import torch
-
-    from cycle.data.shards import read_manifest
-
     try:
         if stage_dir.name == "shards":
             read_manifest(stage_dir / "data", verify=True)
@@ -255,93 +245,6 @@ class Runner:
     # -- tracking ----------------------------------------------------------------------------------
 
     def track(self, k: int, arch: str, metrics: dict, shards: Path | None) -> None:
-        if self.tracker is None:
-            return
-        from cycle.tracking import Tracker
-
-        train_dir = self.paths.stage(k, arch, "train")
-        tracked = self.paths.stage(k, arch, "evaluate") / "mlflow_run.json"
-        before = json.loads(tracked.read_text()) if tracked.is_file() else {}
-        if before.get("parent") != self.tracker.run_id:
-            before = {}
-        if before.get("complete"):
-            return  # logged before the interruption
-        # A child run cut off half-way is reopened and completed, never left beside a second one.
-        with Tracker(self.cfg, run_name=f"cycle{k}-{arch}", nested=True, run_id=before.get("run_id"),
-                     tags={"cycle": str(k), "arch": arch, "job_run": self.run_name}) as child:
-            if child.run is not None:  # the run exists before anything is logged to it
-                atomic_write_json(tracked, {"run_id": child.run_id, "parent": self.tracker.run_id, "complete": False})
-            if not before:
-                child.log_config(arch_config(self.cfg, arch, k, train_dir / "best.pt"))
-            for row in json.loads((train_dir / "history.json").read_text()):
-                child.log_metrics({key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"])
-            child.log_metrics(metrics)
-            for picture in self.pictures(k, arch):
-                child.log_artifact(picture, "pictures")
-            if shards is not None:
-                child.log_artifact(shards / "manifest.json", "shards")
-            faults.reached("track")
-            child.log_artifact(train_dir / "metrics.json")
-            if child.run is not None and not Tracker.lost:  # else --resume logs it from the files on disk
-                atomic_write_json(tracked, {"run_id": child.run_id, "parent": self.tracker.run_id, "complete": True})
-
-    def pictures(self, k: int, arch: str) -> list[Path]:
-        from cycle import plots
-
-        stage = self.paths.stage(k, arch, "evaluate")
-        panel = np.load(stage / "panel.npz")
-        pre_films = panel["films"] / 255.0
-        out = [plots.cam_grid(pre_films, panel["cams"], panel["probs"], panel["labels"], stage / "cam_grid.png",
-                              title=f"{arch}, cycle {k}: test films")]
-        metrics = json.loads((self.paths.stage(k, arch, "train") / "metrics.json").read_text())["splits"]
-        for split in ("test", "test_cf"):
-            if split in metrics:
-                out.append(plots.confusion_matrix_plot(metrics[split]["confusion_matrix"],
-                                                       stage / f"confusion_{split}.png", title=f"{arch} c{k} {split}"))
-        if k > 0:
-            before = np.load(self.paths.stage(0, arch, "evaluate") / "panel.npz")
-            n = 12
-            out.append(plots.before_after_grid(pre_films[:n], before["cams"][:n], panel["cams"][:n],
-                                               stage / "cam_before_after.png", panel["labels"][:n],
-                                               names=("cycle 0", f"cycle {k}"), lungs=panel["lungs"][:n]))
-            samples = self.paths.stage(k, arch, "shards") / "samples.png"
-            if samples.is_file():
-                out.append(samples)
-        return out
-
-
-def summary_table(results: dict[str, list[dict]]) -> str:
-    """Markdown: one row per (architecture, cycle), metrics with 95% intervals where measured."""
-    header = "| arch | cycle | " + " | ".join(label for _, label in REPORT_METRICS) + " |"
-    lines = [header, "|" + "---|" * (2 + len(REPORT_METRICS))]
-    for arch, cycles in results.items():
-        for k, m in enumerate(cycles):
-            cells = []
-            for key, _ in REPORT_METRICS:
-                value = m.get(key, np.nan)
-                low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-                cells.append(f"{value:.3f}" + (f" ({low:.3f}-{high:.3f})" if low is not None else ""))
-            lines.append(f"| {arch} | {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_report(runner: Runner, state: CycleState, tracking_note: str) -> Path:
-    from cycle import plots
-
-    root = runner.paths.root
-    metrics = [key for key, _ in REPORT_METRICS if any(key in m for c in state.results.values() for m in c)]
-    curves = plots.cycle_curves(state.results, metrics, root / "cycle_curves.png")
-    lines = [f"# Cycle report: {runner.run_name}", "",
-             "Classification on the original films (test: same shortcut as train; test_cf: shortcut "
-             "reversed); localisation of the CAM on test, mean (95% bootstrap interval).", "",
-             summary_table(state.results), "", f"![per-cycle metrics]({curves.name})", ""]
-    for arch, why in state.stopped.items():
-        lines.append(f"- {arch} stopped {why}")
-    for arch, cycles in state.results.items():
-        last = len(cycles) - 1
-        for name in ("cam_grid.png", "cam_before_after.png"):
-            picture = runner.paths.stage(last, arch, "evaluate") / name
-            if picture.is_file():
-                lines.append(f"![{arch} {name}]({picture.relative_to(root)})")
-    lines += ["", tracking_note, ""]
-    return atomic_write_text(root / "report.md", "\n".join(lines))
+        if self.tracker is not None:
+            config = arch_config(self.cfg, arch, k, self.paths.stage(k, arch, "train") / "best.pt")
+            track_cycle(self, k, arch, metrics, shards, config)

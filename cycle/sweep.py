@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over the cycle's settings: search spaces, the objective, the trial, the summary.
+"""Ray Tune sweeps over the cycle's settings: search spaces, the objective, the trial, the winner.
 
 A search space is a YAML mapping of config keys to one sampler each:
 
@@ -15,8 +15,8 @@ from its own folder) that reports after every evaluated cycle, so ASHA can stop 
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,12 @@ import numpy as np
 import yaml
 
 from cycle.config import Config, ConfigError
+from cycle.data.prepare import prepare_records
+from cycle.io import atomic_write_text
+from cycle.lungseg import ensure_lung_model
+from cycle.ray_session import init_ray
+from cycle.report import cell
+from cycle.runner import Runner
 
 SAMPLERS = ("grid_search", "choice", "uniform", "loguniform", "randint")
 
@@ -134,11 +140,7 @@ def trial_config(base: Config, values: Mapping[str, Any], output_dir: str) -> Co
 def run_trial(params: dict) -> None:
     """The Tune trainable: params = {"base": config dump, "sweep_dir": path, "records": path,
     "lung_model": path, plus the sampled keys}."""
-    import shutil
-
     from ray import tune
-
-    from cycle.runner import Runner
 
     base = Config.model_validate(params["base"])
     values = {k: v for k, v in params.items() if k not in ("base", "sweep_dir", "records", "lung_model")}
@@ -198,30 +200,13 @@ def trial_rows(results, space: Mapping[str, Any], max_t: int) -> list[dict]:
     return sorted(rows, key=lambda r: (-np.inf if np.isnan(r["objective"]) else r["objective"]), reverse=True)
 
 
-def summary_markdown(rows: list[dict], space: Mapping[str, Any], objective_name: str) -> str:
-    keys = list(space)
-    lines = ["| rank | trial | " + " | ".join(keys) + f" | {objective_name} | cycles | status |",
-             "|" + "---|" * (5 + len(keys))]
-    for rank, row in enumerate(rows, 1):
-        cells = [_fmt(row["values"][k]) for k in keys]
-        lines.append(f"| {rank} | {row['trial_id']} | " + " | ".join(cells) +
-                     f" | {row['objective']:.4f} | {row['cycles']} | {row['status']} |")
-    return "\n".join(lines)
-
-
 def best_overrides(row: dict) -> list[str]:
-    return [f"{k}={_fmt(v)}" for k, v in row["values"].items()]
+    return [f"{k}={cell(v)}" for k, v in row["values"].items()]
 
 
 def best_config(base: Config, row: dict) -> Config:
     """The base config with the winner's values: ready for `jobs/cycle.py --config`."""
     return apply_values(base, row["values"])
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +218,6 @@ def run_sweep(cfg: Config, space: Mapping[str, Any], name: str, resume: bool = F
     (rows sorted best first, the sweep's folder)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from cycle.data.prepare import prepare_records
-    from cycle.io import atomic_write_text
-    from cycle.lungseg.train import ensure_lung_model
-    from cycle.ray_session import init_ray
 
     check_objective(cfg)
     validate_space(space, cfg)
@@ -275,6 +255,10 @@ def run_sweep(cfg: Config, space: Mapping[str, Any], name: str, resume: bool = F
     return trial_rows(results, space, max_t), sweep_dir
 
 
-def trial_run_dir(sweep_dir: Path, row: dict) -> Path:
-    return sweep_dir / "trials" / row["trial_id"]
+def trial_model(sweep_dir: Path, row: dict) -> Path | None:
+    """The model a trial made: its last cycle's best.pt (None when it finished no training)."""
+    root = sweep_dir / "trials" / row["trial_id"]
+    cycles = sorted(root.glob("cycle_*/*/train/best.pt"),
+                    key=lambda p: int(p.parts[-4].split("_")[1]))
+    return cycles[-1] if cycles else None
 

@@ -1,25 +1,47 @@
-"""MLflow tracking: one place that knows the store, the experiment and what a run records.
+"""MLflow tracking: one place that knows the store, the experiment and what a run records, and
+which run a resumed job reopens (`SavedRun`: the run id kept in an `mlflow_run.json`). The jobs'
+runs are here too: the cycle job's (a child per cycle and architecture, the best model
+registered), the sweep's and the evidence study's.
 
 With `tracking.enabled: false` every call is a no-op, so library code logs unconditionally.
 The store is `tracking.uri`, else $MLFLOW_TRACKING_URI, else MLflow's local default (a SQLite
-file, `mlflow.db`, in the working directory; no server needed).
+file, `mlflow.db`, in the working directory; no server needed). `mlflow` is imported where it is
+used: with tracking off, the cycle runs where it is not installed.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-import sys
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from cycle import faults
+from cycle.checkpoint import load_classifier
 from cycle.config import Config
+from cycle.console import log
+from cycle.data.shards import file_sha256
+from cycle.io import atomic_write_json
+from cycle.report import cycle_pictures
+
+if TYPE_CHECKING:  # annotations only: the runner imports this module
+    from cycle.runner import CycleState, Runner
+
+DEFAULT_STORE = "sqlite:///mlflow.db"  # MLflow's own default: a SQLite file in the working folder
 
 
 def tracking_uri(cfg: Config) -> str | None:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def tracking_store(cfg: Config) -> str:
+    """The store this config logs to, for people to read: the URI, or MLflow's default store."""
+    return tracking_uri(cfg) or DEFAULT_STORE
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -114,8 +136,9 @@ class Tracker:
 
     def _lose(self, err: Exception, what: str) -> None:
         Tracker.lost = f"could not {what} ({type(err).__name__}: {str(err)[:200]})"
-        print(f"warning: MLflow at {tracking_uri(self.cfg)} stopped answering: {Tracker.lost}. The job goes on; "
-              "what it could not log stays beside the run and is logged by --resume.", file=sys.stderr, flush=True)
+        log(f"warning: MLflow at {tracking_store(self.cfg)} stopped answering: {Tracker.lost}. "
+            "The job goes on; what it could not log stays beside the run and is logged by "
+            "--resume.")
 
     @property
     def run_id(self) -> str | None:
@@ -126,11 +149,14 @@ class Tracker:
         return self.run is not None and not Tracker.lost
 
     def log_config(self, cfg: Config | None = None) -> None:
+        dump = (cfg or self.cfg).model_dump(mode="json")
+        self.log_params({k: ("null" if v is None else str(v)) for k, v in flatten(dump).items()})
+
+    def log_params(self, params: Mapping[str, str]) -> None:
         if not self.active:
             return
         import mlflow
 
-        params = {k: ("null" if v is None else str(v)) for k, v in flatten((cfg or self.cfg).model_dump(mode="json")).items()}
         items = sorted(params.items())
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
             self._guard("log params", lambda chunk=dict(items[start : start + 100]): mlflow.log_params(chunk))
@@ -138,8 +164,6 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        import math
-
         import mlflow
 
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
@@ -177,10 +201,6 @@ class Tracker:
     def _register(self, checkpoint: str | Path, alias: str, name: str) -> str | None:
         import mlflow
         import mlflow.pytorch
-        import numpy as np
-
-        from cycle.checkpoint import load_classifier
-        from cycle.data.shards import file_sha256
 
         registry = self.cfg.tracking.registered_model_name
         client = mlflow.MlflowClient()
@@ -205,3 +225,196 @@ class Tracker:
         except Exception:  # no such registered model yet
             return []
 
+
+
+class SavedRun(Tracker):
+    """A Tracker whose MLflow run is kept in a json file beside the job's files (`mlflow_run.json`),
+    so that a resumed job reopens the same run instead of starting a second one.
+
+    `belongs`: what the saved run must match to be reopened (the job run's store, a child run's
+    parent); one saved under another store or parent is left alone and the file rewritten. The file
+    is written as soon as the run exists, before anything is logged to it; a new run logs `config`
+    (default: `cfg`) as its params. With `completes`, the file also says whether everything was
+    logged: `complete` is True when nothing is left to log, and `mark_complete()` says so."""
+
+    def __init__(self, cfg: Config, record: Path, run_name: str, *,
+                 belongs: Mapping[str, Any] | None = None, config: Config | None = None,
+                 completes: bool = False, nested: bool = False,
+                 tags: Mapping[str, str] | None = None):
+        self.record = Path(record)
+        self.belongs = dict(belongs or {})
+        saved = json.loads(self.record.read_text()) if self.record.is_file() else {}
+        self.previous = saved if all(saved.get(k) == v for k, v in self.belongs.items()) else {}
+        self.config = config
+        self.completes = completes
+        super().__init__(cfg, run_name, nested=nested, tags=tags,
+                         run_id=self.previous.get("run_id"))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.previous.get("complete"))
+
+    def __enter__(self) -> SavedRun:
+        super().__enter__()
+        if self.run is not None:
+            self.save(**({"complete": False} if self.completes else {}))
+            if not self.previous:
+                self.log_config(self.config)
+        return self
+
+    def save(self, **extra: Any) -> None:
+        """Rewrite the file: this run, what it belongs to, and `extra`."""
+        atomic_write_json(self.record, {"run_id": self.run_id, **self.belongs, **extra})
+
+    def mark_complete(self) -> None:
+        if self.run is not None and not Tracker.lost:  # else --resume logs it from the files
+            self.save(complete=True)
+
+
+def run_note(tracker: Tracker) -> str:
+    """Where a job's run is, for its report and its last lines."""
+    if tracker.run is None:
+        return "tracking disabled"
+    return f"MLflow run {tracker.run_id} at {tracking_store(tracker.cfg)}"
+
+
+def store_problem(cfg: Config) -> str | None:
+    """Why this config cannot log (a tracking server that does not answer), or None."""
+    uri = tracking_uri(cfg)
+    problem = server_problem(uri) if cfg.tracking.enabled else None
+    if problem:
+        return (f"MLflow tracking server {uri} is not reachable ({problem}); start it or unset "
+                "MLFLOW_TRACKING_URI / tracking.uri to use the local store")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The cycle job: a run per job, a nested run per (cycle, arch), the best model registered
+
+
+def cycle_job_run(cfg: Config, run_name: str) -> SavedRun:
+    """The cycle job's run, kept in <run>/mlflow_run.json: `--resume` reopens it while the store
+    is the same."""
+    return SavedRun(cfg, Path(cfg.output_dir) / run_name / "mlflow_run.json", run_name,
+                    belongs={"uri": tracking_uri(cfg)}, tags={"job": "cycle"})
+
+
+def track_cycle(runner: Runner, k: int, arch: str, metrics: dict, shards: Path | None,
+                config: Config) -> None:
+    """One evaluated (cycle, arch) -> a run nested in the job's run (`runner.tracker`): `config`
+    (the stage's), per-epoch curves, metrics, pictures, the shard manifest. A child run cut off
+    half-way is reopened and completed, never left beside a second one; one logged in full before
+    an interruption is left as it is. Written from the driver's thread only."""
+    train_dir = runner.paths.stage(k, arch, "train")
+    record = runner.paths.stage(k, arch, "evaluate") / "mlflow_run.json"
+    child = SavedRun(runner.cfg, record, f"cycle{k}-{arch}",
+                     belongs={"parent": runner.tracker.run_id}, config=config, completes=True,
+                     nested=True, tags={"cycle": str(k), "arch": arch, "job_run": runner.run_name})
+    if child.complete:
+        return  # logged before the interruption
+    with child:
+        for row in json.loads((train_dir / "history.json").read_text()):
+            child.log_metrics({key: v for key, v in row.items() if key != "epoch"},
+                              step=row["epoch"])
+        child.log_metrics(metrics)
+        for picture in cycle_pictures(runner.paths, k, arch):
+            child.log_artifact(picture, "pictures")
+        if shards is not None:
+            child.log_artifact(shards / "manifest.json", "shards")
+        faults.reached("track")
+        child.log_artifact(train_dir / "metrics.json")
+        child.mark_complete()
+
+
+def register_best(tracker: Tracker, runner: Runner, state: CycleState) -> str | None:
+    """The job's product -> registry: each architecture's last cycle (what the refinement made),
+    and of those the one with the highest val accuracy (test never chooses)."""
+    if not tracker.active:
+        return None
+    best = max(((cycles[-1]["val_accuracy"], len(cycles) - 1, arch)
+                for arch, cycles in state.results.items() if cycles), default=None)
+    if best is None:
+        return None
+    _, k, arch = best
+    # A finished run resumed again registers nothing new: same run, same winner, same version.
+    record = runner.paths.root / "registered.json"
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    if done.get("run_id") == tracker.run_id and (done.get("arch"), done.get("cycle")) == (arch, k):
+        return done["message"]
+    checkpoint = runner.paths.stage(k, arch, "train") / "best.pt"
+    version = tracker.register_classifier(checkpoint, alias="best")
+    tracker.set_tags({"best_arch": arch, "best_cycle": str(k)})
+    if version is None or Tracker.lost:
+        return None
+    registry = tracker.cfg.tracking.registered_model_name
+    message = f"{registry} v{version} (alias 'best'): {arch}, cycle {k}"
+    atomic_write_json(record, {"run_id": tracker.run_id, "arch": arch, "cycle": k,
+                               "message": message})
+    return message
+
+
+def log_job_files(tracker: Tracker, root: Path) -> None:
+    """A finished cycle job's own files (report, curves, config, records) -> its run."""
+    for name in ("report.md", "cycle_curves.png", "config.yaml", "records.json"):
+        tracker.log_artifact(root / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps and evidence
+
+
+def track_sweep(cfg: Config, name: str, rows: list[dict], sweep_dir: Path, files: list[Path],
+                best_model: Path | None) -> str | None:
+    """A parent run for the sweep (kept in <sweep>/mlflow_run.json), a nested run per trial not
+    logged yet, the sweep's `files`, and the best trial's model (`best_model`, rows[0]'s)
+    registered once. Written from the driver only (one SQLite writer); returns what was
+    registered."""
+    record = sweep_dir / "mlflow_run.json"
+    with SavedRun(cfg, record, f"sweep-{name}", tags={"job": "sweep"}) as parent:
+        if parent.run is None:
+            return None
+        logged = set(parent.previous.get("trials", []))
+        for row in rows:
+            if row["trial_id"] not in logged:
+                _track_trial(cfg, name, row)
+                logged.add(row["trial_id"])
+        registered = parent.previous.get("registered")
+        parent.save(trials=sorted(logged), registered=registered)
+        for file in files:
+            parent.log_artifact(file, "sweep")
+        best = rows[0]
+        parent.log_metrics({"best_objective": best["objective"]})
+        parent.set_tags({"best_trial": best["trial_id"]})
+        if (registered or {}).get("trial_id") == best["trial_id"]:
+            return registered["message"]  # a resumed sweep with the same winner: no new version
+        if best_model is None:
+            return None
+        version = parent.register_classifier(best_model, alias="sweep_best", name="best_model")
+        if version is not None:
+            message = f"{cfg.tracking.registered_model_name} v{version} (alias 'sweep_best')"
+            parent.save(trials=sorted(logged),
+                        registered={"trial_id": best["trial_id"], "message": message})
+            return message
+    return None
+
+
+def _track_trial(cfg: Config, sweep: str, row: dict) -> None:
+    tags = {"trial_id": row["trial_id"], "status": row["status"], "sweep": sweep}
+    with Tracker(cfg, run_name=f"trial-{row['trial_id']}", nested=True, tags=tags) as child:
+        child.log_params({k: str(v) for k, v in row["values"].items()})
+        for step, report in enumerate(row["history"]):
+            child.log_metrics({k: v for k, v in report.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and k not in ("training_iteration",)}, step=step)
+
+
+def track_evidence(cfg: Config, name: str, table: dict, report: Path) -> None:
+    """The evidence study's run: the config, each (arch, variant, metric) change, the report."""
+    with Tracker(cfg, run_name=name, tags={"job": "evidence"}) as tracker:
+        tracker.log_config()
+        for arch, rows in table.items():
+            for variant, row in rows.items():
+                tracker.log_metrics({f"{arch}.{variant}.{metric}_change": m["change"]
+                                     for metric, m in row.items()})
+        tracker.log_artifact(report)
+        tracker.log_artifact(report.with_name("evidence.json"))

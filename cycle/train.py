@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from cycle.checkpoint import (
     save_training_state,
 )
 from cycle.config import Config
+from cycle.console import say
 from cycle.data.dataset import EpochShuffle, ImageDataset
 from cycle.data.records import ScanResult, records_of
 from cycle.data.shards import load_shards
@@ -151,13 +151,6 @@ def quiet_ray_train_logs() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def say(message: str) -> None:
-    """Progress to stdout, once: Ray Train V2 patches `print` into a logger that, beside Ray's own
-    stdout capture, shows every line twice in the driver's log."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def make_model(cfg: Config) -> Classifier:

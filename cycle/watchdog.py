@@ -16,12 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 
+from cycle.console import log
+
 STALL_EXIT_CODE = 3
 
 
 def _exit_stalled(message: str) -> None:
     sys.stdout.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    log(f"error: {message}")
     os._exit(STALL_EXIT_CODE)
 
 

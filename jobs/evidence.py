@@ -12,11 +12,16 @@ variants. Writes output_dir/<name>/evidence.md and evidence.json and logs them t
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import _common
 
-from cycle.evidence import VARIANTS, collect, run_evidence, write_evidence
+from cycle.evidence import VARIANTS, collect, run_evidence
+from cycle.preflight import input_problem
+from cycle.report import write_evidence_report
+from cycle.tracking import track_evidence
 
 
 def main() -> None:
@@ -32,25 +37,15 @@ def main() -> None:
     print(f"evidence     {len(args.seeds)} seed(s) x {len(variants)} variant(s) ({', '.join(variants)}) "
           f"x archs {', '.join(cfg.cycles.archs)}; baseline + {cfg.cycles.max} cycle(s) each", flush=True)
 
-    from pathlib import Path
-
-    from cycle.tracking import Tracker
-
+    problem = None if args.report_only else input_problem(cfg)
+    if problem:
+        sys.exit(f"error: {problem}")
     started = time.perf_counter()
     if not args.report_only:
         run_evidence(cfg, args.seeds, variants, args.name, inprocess_shards=args.inprocess_shards)
     table = collect(Path(cfg.output_dir), args.name, args.seeds, variants, list(cfg.cycles.archs))
-    settings = (f"Settings: {cfg.cycles.max} cycle(s) of {cfg.cycles.epochs} epoch(s) at lr {cfg.cycles.lr}, "
-                f"baseline {cfg.train.epochs} epochs, {cfg.data.image_size} px, strength {cfg.enhance.strength} "
-                f"(control: 0), seeds {args.seeds}.")
-    report = write_evidence(Path(cfg.output_dir), args.name, table, settings)
-    with Tracker(cfg, run_name=args.name, tags={"job": "evidence"}) as tracker:
-        tracker.log_config()
-        for arch, rows in table.items():
-            for variant, row in rows.items():
-                tracker.log_metrics({f"{arch}.{variant}.{metric}_change": m["change"] for metric, m in row.items()})
-        tracker.log_artifact(report)
-        tracker.log_artifact(report.with_name("evidence.json"))
+    report = write_evidence_report(cfg, args.name, table, args.seeds)
+    track_evidence(cfg, args.name, table, report)
     print(report.read_text())
     print(f"report       {report}\nfinished in {time.perf_counter() - started:.0f}s")
 

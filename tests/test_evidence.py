@@ -9,12 +9,12 @@ import pytest
 from cycle.config import Config
 from cycle.evidence import (
     collect,
-    evidence_markdown,
     paired_bootstrap,
     run_name,
     share_baseline,
     variant_config,
 )
+from cycle.report import evidence_table
 
 
 def test_variants_change_only_the_enhancement_and_the_seed():
@@ -76,7 +76,7 @@ def test_collect_reads_baseline_and_last_cycle_per_seed(tmp_path):
     assert row["lesion_pointing_game"]["change"] == pytest.approx(1 / 3)
     assert row["lung_energy_share"]["change"] == pytest.approx(0.2)  # cycle 2 is the last, not cycle 1
     assert row["test_accuracy"]["seeds"] == [0, 1]
-    text = evidence_markdown(table)
+    text = evidence_table(table)
     assert "| resnet18 | context_swap | 2 |" in text and "0.250 → 0.750 (+0.500" in text
 
 

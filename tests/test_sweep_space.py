@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cycle.config import Config, ConfigError, load_config
+from cycle.report import sweep_table
 from cycle.runner import should_stop
 from cycle.sweep import (
     best_config,
@@ -13,7 +14,6 @@ from cycle.sweep import (
     check_objective,
     objective,
     read_space,
-    summary_markdown,
     trial_config,
     validate_space,
 )
@@ -82,7 +82,7 @@ def test_summary_best_overrides_and_best_config_round_trip(tmp_path):
          "cycles": 1, "status": "stopped early"},
     ]
     space = {"enhance.strength": {}, "model.unfreeze": {}}
-    table = summary_markdown(rows, space, "val_accuracy+lung")
+    table = sweep_table(rows, space, "val_accuracy+lung")
     assert "| 1 | a | 0.75 | all | 1.1000 | 2 | finished |" in table and "stopped early" in table
     overrides = best_overrides(rows[0])
     assert overrides == ["enhance.strength=0.75", "model.unfreeze=all"]

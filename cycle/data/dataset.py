@@ -7,13 +7,13 @@ so only the crop, the augmentation and the normalisation run per epoch.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
+from cycle.console import log
 from cycle.data.records import Record
 from cycle.data.transforms import Augment, Preprocess, load_grayscale
 
@@ -71,7 +71,7 @@ class ImageDataset(Dataset):
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             for n, _ in enumerate(pool.map(self.resized, todo), 1):
                 if label and n % 2000 == 0:
-                    print(f"  {label}: loaded {n:,}/{len(todo):,} images", file=sys.stderr, flush=True)
+                    log(f"  {label}: loaded {n:,}/{len(todo):,} images")
         return self
 
     def __getitem__(self, index: int):

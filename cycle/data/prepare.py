@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from cycle.config import Config
+from cycle.console import log
 from cycle.data.phantom import PhantomSpec, write_dataset
 from cycle.data.records import ScanResult, load_dataset
 from cycle.io import folder_lock
@@ -18,20 +18,16 @@ def data_root(cfg: Config, verbose: bool = False) -> Path:
 
     def report(done: int, total: int) -> None:
         if done == total or done % 1024 == 0:
-            print(f"  phantoms: {done:,}/{total:,}", file=sys.stderr, flush=True)
+            log(f"  phantoms: {done:,}/{total:,}")
 
     out = cfg.phantom_dir()
     # Jobs share the phantoms: the second waits for the first to finish them, then reuses them.
-    with folder_lock(out, "the phantom data set", wait=True, log=_say):
+    with folder_lock(out, "the phantom data set", wait=True, log=log):
         if verbose and not (out / "chest_xray" / "phantom.json").is_file():
-            _say(f"generating phantom chest X-rays in {out} ...")
+            log(f"generating phantom chest X-rays in {out} ...")
         # A changed phantom spec regenerates the tree: it is derived data, owned by this output dir.
         return write_dataset(out, PhantomSpec.from_config(cfg.data.phantom), force=True,
                              progress=report if verbose else None)
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def prepare_records(cfg: Config, verbose: bool = False) -> ScanResult:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import stat
-import sys
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from cycle.console import log
 from cycle.data.transforms import IMAGE_EXTENSIONS, ImageLoadError, load_grayscale
 from cycle.io import atomic_write_json
 
@@ -397,7 +397,7 @@ def load_dataset(
     data_root = resolve_data_root(root, cache_dir / "extracted", max_zip_bytes)
 
     def report(done: int, total: int) -> None:
-        print(f"  checked {done:,}/{total:,} images", file=sys.stderr, flush=True)
+        log(f"  checked {done:,}/{total:,} images")
 
     result = scan(
         data_root,

@@ -1,0 +1,37 @@
+"""Everything cheap, first: the checks a job runs before any training, so that a mistake ends
+the job in seconds with a message naming it, not after an hour."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from cycle.config import Config
+from cycle.lungseg import LungModelMissing, ensure_lung_model
+from cycle.tracking import store_problem
+
+
+def input_problem(cfg: Config) -> str | None:
+    """What stops this config from running, or None: the data root, the lung model on real
+    data, a writable output_dir and Ray storage path, an MLflow server that answers."""
+    if cfg.data.root is not None and not Path(cfg.data.root).exists():
+        return f"data.root={cfg.data.root} does not exist"
+    if cfg.data.root is not None or cfg.lungseg.weights:
+        try:
+            ensure_lung_model(cfg, log=lambda *_: None)  # with these set it only checks, never trains
+        except LungModelMissing as err:
+            return str(err)
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        return f"output_dir {out} is not writable: {err.strerror or err}"
+    storage = cfg.storage_path()
+    if "://" not in storage:
+        try:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return f"resources.storage_path {storage} is not writable: {err.strerror or err}"
+    return store_problem(cfg)
