@@ -1,6 +1,7 @@
 """CAM engine speed against its peer and its floor, measured in one process.
 
-    python bench/cam_bench.py [--arch resnet50] [--batch 16] [--size 224] [--threads 2] [--repeats 7]
+    python bench/cam_bench.py [--arch resnet50] [--batch 16] [--size 224] [--threads 2]
+        [--repeats 7]
 
 Prints the median time per batch of
   peer      pytorch-grad-cam's GradCAM (full forward with autograd + loss.backward()),
@@ -77,8 +78,21 @@ def compare(arch: str, size: int, batch: int, repeats: int) -> dict[str, float]:
 def peak_rss_mib(method: str, arch: str, size: int, batch: int) -> float:
     """Run one method in a fresh process; return its peak RSS growth over the loaded model."""
     out = subprocess.run(
-        [sys.executable, __file__, "--_peak", method, "--arch", arch, "--size", str(size), "--batch", str(batch)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            __file__,
+            "--_peak",
+            method,
+            "--arch",
+            arch,
+            "--size",
+            str(size),
+            "--batch",
+            str(batch),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["mib"]
 
@@ -112,14 +126,20 @@ def _peak_child(method: str, arch: str, size: int, batch: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--zoo-size", type=int, default=Config().data.image_size,
-                        help="size for the per-architecture throughput table (default: the config's)")
+    parser.add_argument(
+        "--zoo-size",
+        type=int,
+        default=Config().data.image_size,
+        help="size for the per-architecture throughput table (default: the config's)",
+    )
     parser.add_argument("--skip-zoo", action="store_true")
     parser.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,21 +148,34 @@ def main() -> None:
         _peak_child(args._peak, args.arch, args.size, args.batch)
         return
 
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, CPU")
-    print(f"{args.arch}, batch {args.batch}, {args.size} px, median of {args.repeats} alternating runs\n")
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, CPU"
+    )
+    print(
+        f"{args.arch}, batch {args.batch}, {args.size} px, "
+        f"median of {args.repeats} alternating runs\n"
+    )
     t = compare(args.arch, args.size, args.batch, args.repeats)
     for name in ("peer", "ours", "forward"):
         print(f"  {name:8s} {t[name] * 1000:9.1f} ms/batch  {args.batch / t[name]:7.1f} images/s")
     speedup, overhead = t["peer"] / t["ours"], t["ours"] / t["forward"]
-    print(f"\n  peer / ours    = {speedup:5.2f}x  (goal >= 3.00x: {'met' if speedup >= 3 else 'MISSED'})")
-    print(f"  ours / forward = {overhead:5.2f}x  (goal <= 1.25x: {'met' if overhead <= 1.25 else 'MISSED'})")
+    print(
+        f"\n  peer / ours    = {speedup:5.2f}x  "
+        f"(goal >= 3.00x: {'met' if speedup >= 3 else 'MISSED'})"
+    )
+    print(
+        f"  ours / forward = {overhead:5.2f}x  "
+        f"(goal <= 1.25x: {'met' if overhead <= 1.25 else 'MISSED'})"
+    )
 
     print("\npeak memory during one call (RSS above the process's steady state, sampled every ms):")
     for name in ("peer", "ours", "forward"):
         print(f"  {name:8s} {peak_rss_mib(name, args.arch, args.size, args.batch):8.1f} MiB")
 
     if not args.skip_zoo:
-        print(f"\nour engine per architecture ({args.zoo_size} px, batch {args.batch}, auto method):")
+        print(
+            f"\nour engine per architecture ({args.zoo_size} px, batch {args.batch}, auto method):"
+        )
         for arch in ARCHITECTURES:
             model, images = _setup(arch, args.zoo_size, args.batch)
             compute_cam(model, images)
@@ -151,7 +184,10 @@ def main() -> None:
                 started = time.perf_counter()
                 compute_cam(model, images)
                 runs.append(time.perf_counter() - started)
-            print(f"  {arch:10s} {model.cam_method:9s} {args.batch / statistics.median(runs):8.1f} images/s")
+            print(
+                f"  {arch:10s} {model.cam_method:9s} "
+                f"{args.batch / statistics.median(runs):8.1f} images/s"
+            )
 
 
 if __name__ == "__main__":

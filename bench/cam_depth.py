@@ -28,14 +28,23 @@ from cycle.localization import localization_metrics  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path)
     parser.add_argument("--archs", nargs="+", default=["resnet18"])
     parser.add_argument("--n", type=int, default=120)
     args = parser.parse_args()
-    test = [r for r in records_of(ScanResult.load(args.run / "records.json").records, "test") if r.label == 1]
+    test = [
+        r
+        for r in records_of(ScanResult.load(args.run / "records.json").records, "test")
+        if r.label == 1
+    ]
     test = test[: args.n]
-    print("| arch | cycle | depth | map | pointing | lung share | lesion share |\n|---|---|---|---|---|---|---|")
+    print(
+        "| arch | cycle | depth | map | pointing | lung share | lesion share |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for arch in args.archs:
         cycles = [p for p in args.run.glob("cycle_*") if p.is_dir()]
         for cycle_dir in sorted(cycles, key=lambda p: int(p.name.split("_")[1])):
@@ -51,10 +60,16 @@ def main() -> None:
                 probe = at_depth(model, depth)
                 with torch.no_grad():
                     side = probe.features(x[:1]).shape[-1]
-                values = localization_metrics(compute_cam(model, x, batch_size=32, depth=depth).numpy(), lungs, lesions)
-                print(f"| {arch} | {cycle_dir.name.split('_')[1]} | {depth} | {side}x{side} | "
-                      f"{np.nanmean(values['lesion_pointing_game']):.3f} | {np.nanmean(values['lung_energy_share']):.3f} | "
-                      f"{np.nanmean(values['lesion_energy_share']):.3f} |", flush=True)
+                values = localization_metrics(
+                    compute_cam(model, x, batch_size=32, depth=depth).numpy(), lungs, lesions
+                )
+                print(
+                    f"| {arch} | {cycle_dir.name.split('_')[1]} | {depth} | {side}x{side} | "
+                    f"{np.nanmean(values['lesion_pointing_game']):.3f} | "
+                    f"{np.nanmean(values['lung_energy_share']):.3f} | "
+                    f"{np.nanmean(values['lesion_energy_share']):.3f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

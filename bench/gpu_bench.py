@@ -99,17 +99,34 @@ def train_step(root: Path, data: Path, size: int, amp: bool, epochs: int) -> dic
     if not records.is_file():
         load_dataset(data, val_fraction=0.15, seed=0, cache_dir=root / "cache").save(records)
     run_dir = root / f"train_{'bf16' if amp else 'fp32'}"
-    cfg = load_config(None, [f"output_dir={root}", "model.arch=resnet50", f"data.image_size={size}",
-                             f"train.epochs={epochs}", "train.batch_size=64", f"train.amp={str(amp).lower()}",
-                             "data.loader_workers=4", "resources.num_workers=0"])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={root}",
+            "model.arch=resnet50",
+            f"data.image_size={size}",
+            f"train.epochs={epochs}",
+            "train.batch_size=64",
+            f"train.amp={str(amp).lower()}",
+            "data.loader_workers=4",
+            "resources.num_workers=0",
+        ],
+    )
     started = time.perf_counter()
-    train_func({"config": cfg.model_dump(mode="json"), "records": str(records), "run_dir": str(run_dir)})
+    train_func(
+        {"config": cfg.model_dump(mode="json"), "records": str(records), "run_dir": str(run_dir)}
+    )
     history = json.loads((run_dir / "history.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())["flat"]
     n_train = sum(1 for line in (run_dir / "predictions_val.csv").read_text().splitlines()[1:])
-    return {"amp": amp, "wall_s": time.perf_counter() - started, "epoch_s": [round(h["seconds"], 2) for h in history],
-            "val_n": n_train, "test_accuracy": metrics.get("test_accuracy"),
-            "test_cf_accuracy": metrics.get("test_cf_accuracy")}
+    return {
+        "amp": amp,
+        "wall_s": time.perf_counter() - started,
+        "epoch_s": [round(h["seconds"], 2) for h in history],
+        "val_n": n_train,
+        "test_accuracy": metrics.get("test_accuracy"),
+        "test_cf_accuracy": metrics.get("test_cf_accuracy"),
+    }
 
 
 def shard_worker_step(root: Path, data: Path, size: int) -> dict:
@@ -119,7 +136,15 @@ def shard_worker_step(root: Path, data: Path, size: int) -> dict:
     from cycle.lungseg.unet import build_unet
     from cycle.shard_builder import EnhanceWorker, iter_enhanced
 
-    cfg = load(None, [f"output_dir={root}", "model.arch=resnet50", f"data.image_size={size}", "cam.batch_size=64"])
+    cfg = load(
+        None,
+        [
+            f"output_dir={root}",
+            "model.arch=resnet50",
+            f"data.image_size={size}",
+            "cam.batch_size=64",
+        ],
+    )
     unet_path = root / "unet.pt"
     if not unet_path.is_file():
         save_lung_model(unet_path, build_unet(), image_size=256)
@@ -128,7 +153,11 @@ def shard_worker_step(root: Path, data: Path, size: int) -> dict:
     list(iter_enhanced(cfg, train[:64], worker, batch_size=64))  # warm-up
     started = time.perf_counter()
     n = sum(len(b["path"]) for b in iter_enhanced(cfg, train, worker, batch_size=64))
-    return {"films": n, "films_per_s": n / (time.perf_counter() - started), "device": str(worker.device)}
+    return {
+        "films": n,
+        "films_per_s": n / (time.perf_counter() - started),
+        "device": str(worker.device),
+    }
 
 
 def lungseg_step(root: Path, data: Path) -> dict:
@@ -136,8 +165,16 @@ def lungseg_step(root: Path, data: Path) -> dict:
     from cycle.lungseg.masks import load_lung_model, predict
     from cycle.lungseg.train import train_lungseg
 
-    cfg = load_config(None, [f"output_dir={root}", "lungseg.epochs=1", "lungseg.image_size=256",
-                             "lungseg.batch_size=32", "tracking.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={root}",
+            "lungseg.epochs=1",
+            "lungseg.image_size=256",
+            "lungseg.batch_size=32",
+            "tracking.enabled=false",
+        ],
+    )
     _, pairs, _ = find_pairs(data)
     started = time.perf_counter()
     result = train_lungseg(cfg, pairs, root / "lungseg", log=lambda *_: None)
@@ -149,18 +186,26 @@ def lungseg_step(root: Path, data: Path) -> dict:
     started = time.perf_counter()
     predict(model, films)
     sync()
-    return {"pairs": len(pairs), "train_1_epoch_s": wall, "test_dice": result.get("test_dice"),
-            "masks_per_s_512px": 64 / (time.perf_counter() - started)}
+    return {
+        "pairs": len(pairs),
+        "train_1_epoch_s": wall,
+        "test_dice": result.get("test_dice"),
+        "masks_per_s_512px": 64 / (time.perf_counter() - started),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1200, help="phantom training films")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--cpu", action="store_true", help="dry run on the CPU (tiny sizes; checks the script)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="dry run on the CPU (tiny sizes; checks the script)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.cpu:
         sys.exit("error: no CUDA device: this benchmark checks the GPU path (--cpu for a dry run)")
@@ -184,7 +229,10 @@ def main() -> None:
             if name == "phantoms":
                 data = Path(results[name]["root"])
         except Exception as err:  # report and go on: one broken step must not hide the others
-            results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-1500:]}
+            results[name] = {
+                "error": f"{type(err).__name__}: {err}",
+                "trace": traceback.format_exc()[-1500:],
+            }
         results[name]["step_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps({name: results[name]}, default=str), flush=True)
     (root / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))

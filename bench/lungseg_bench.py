@@ -1,4 +1,5 @@
-"""Lung mask throughput of `cycle.lungseg.masks.predict` (resize in, U-Net, resize back, post-process).
+"""Lung mask throughput of `cycle.lungseg.masks.predict` (resize in, U-Net, resize back,
+post-process).
 
     python bench/lungseg_bench.py [--sizes 256 512] [--batch 16] [--threads 2]
 
@@ -40,7 +41,9 @@ def network_only(model, x) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -49,15 +52,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_unet().eval()
-    print(f"machine: {os.cpu_count()} cores, {args.threads} threads, CPU; MONAI UNet, batch {args.batch}")
+    print(
+        f"machine: {os.cpu_count()} cores, {args.threads} threads, CPU; "
+        f"MONAI UNet, batch {args.batch}"
+    )
     for size in args.sizes:
         model.image_size = size
-        films = [np.random.default_rng(i).integers(0, 255, (size, size), dtype=np.uint8) for i in range(args.batch)]
-        end_to_end = median_seconds(lambda f=films: predict(model, f, batch_size=args.batch), args.repeats)
+        films = [
+            np.random.default_rng(i).integers(0, 255, (size, size), dtype=np.uint8)
+            for i in range(args.batch)
+        ]
+        end_to_end = median_seconds(
+            lambda f=films: predict(model, f, batch_size=args.batch), args.repeats
+        )
         x = to_input(films, size)
         network = median_seconds(lambda x=x: network_only(model, x), args.repeats)
-        print(f"  {size:4d} px: {args.batch / end_to_end:7.1f} masks/s end to end, "
-              f"{args.batch / network:7.1f} masks/s network only")
+        print(
+            f"  {size:4d} px: {args.batch / end_to_end:7.1f} masks/s end to end, "
+            f"{args.batch / network:7.1f} masks/s network only"
+        )
 
 
 if __name__ == "__main__":

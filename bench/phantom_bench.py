@@ -20,7 +20,9 @@ from cycle.data.phantom import PhantomSpec, generate, write_dataset  # noqa: E40
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
@@ -30,8 +32,14 @@ def main() -> None:
     generate(n_mem, seed=0, size=args.size)
     in_memory = n_mem / (time.perf_counter() - started)
 
-    spec = PhantomSpec.from_config(seed=0, n_train=args.n - args.n // 5, n_val=0,
-                                   n_test=args.n // 10, n_test_cf=args.n // 10, size=args.size)
+    spec = PhantomSpec.from_config(
+        seed=0,
+        n_train=args.n - args.n // 5,
+        n_val=0,
+        n_test=args.n // 10,
+        n_test_cf=args.n // 10,
+        size=args.size,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         write_dataset(tmp, spec)
@@ -39,8 +47,11 @@ def main() -> None:
     total = sum(spec.split_sizes().values())
     print(f"machine: {os.cpu_count()} cores")
     print(f"generate in memory, 1 process : {in_memory:8.1f} films/s ({args.size} px)")
-    print(f"write tree (images + 3 masks) : {total / seconds:8.1f} films/s, {total:,} films in {seconds:.1f} s "
-          f"({os.cpu_count()} processes)")
+    print(
+        f"write tree (images + 3 masks) : {total / seconds:8.1f} films/s, "
+        f"{total:,} films in {seconds:.1f} s "
+        f"({os.cpu_count()} processes)"
+    )
     print(f"goal 4,000 films < 60 s       : {'met' if seconds * 4000 / total < 60 else 'MISSED'}")
 
 

@@ -60,8 +60,13 @@ def sequential(cfg, records, worker) -> None:
         both = np.stack([film, donor]).astype(np.float32) / 255.0
         cams = np.concatenate([canvas, canvas])
         out = enhance_batch(both, cams, lungs, "context_swap", 1.0, 0.0, "original", rng).images[0]
-        rows.append({"image": cv2.imencode(".png", np.round(out * 255).astype(np.uint8))[1].tobytes(),
-                     "label": record.label, "prob": float(logits.softmax(1)[0, 1])})
+        rows.append(
+            {
+                "image": cv2.imencode(".png", np.round(out * 255).astype(np.uint8))[1].tobytes(),
+                "label": record.label,
+                "prob": float(logits.softmax(1)[0, 1]),
+            }
+        )
     with tempfile.TemporaryDirectory() as tmp:
         pq.write_table(pa.Table.from_pylist(rows), Path(tmp) / "out.parquet")
 
@@ -103,8 +108,16 @@ def ray_run(cfg, records, clf, unet, actors: int) -> tuple[float, float]:
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        build_shards(cfg, records, clf, unet, Path(tmp) / "shards", num_actors=actors, threads_per_actor=1,
-                     log=lambda *_: None)
+        build_shards(
+            cfg,
+            records,
+            clf,
+            unet,
+            Path(tmp) / "shards",
+            num_actors=actors,
+            threads_per_actor=1,
+            log=lambda *_: None,
+        )
         seconds = time.perf_counter() - started
     done.set()
     sampler.join()
@@ -112,7 +125,9 @@ def ray_run(cfg, records, clf, unet, actors: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--size", type=int, default=128)
@@ -121,18 +136,32 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = write_dataset(tmp / "ph", PhantomSpec.from_config(
-            seed=0, n_train=args.n, n_val=0, n_test=4, n_test_cf=0, size=256))
+        root = write_dataset(
+            tmp / "ph",
+            PhantomSpec.from_config(
+                seed=0, n_train=args.n, n_val=0, n_test=4, n_test_cf=0, size=256
+            ),
+        )
         records = records_of(scan(root).records, "train")
-        cfg = load_config(None, [f"output_dir={tmp}", f"model.arch={args.arch}", f"data.image_size={args.size}",
-                                 "enhance.mode=context_swap", "enhance.strength=1.0"])
+        cfg = load_config(
+            None,
+            [
+                f"output_dir={tmp}",
+                f"model.arch={args.arch}",
+                f"data.image_size={args.size}",
+                "enhance.mode=context_swap",
+                "enhance.strength=1.0",
+            ],
+        )
         torch.manual_seed(0)
         clf = save_classifier(tmp / "clf.pt", build_model(args.arch, image_size=args.size), cfg)
         save_lung_model(tmp / "unet.pt", build_unet(), image_size=128)
         worker = EnhanceWorker.from_config(str(clf), str(tmp / "unet.pt"), cfg)
         n = len(records)
-        print(f"machine: {os.cpu_count()} cores; {n:,} phantom films, {args.arch} at {args.size} px, "
-              f"U-Net at 128 px, context_swap")
+        print(
+            f"machine: {os.cpu_count()} cores; {n:,} phantom films, {args.arch} at {args.size} px, "
+            f"U-Net at 128 px, context_swap"
+        )
 
         small = records[: max(8, n // 8)]  # the loop is slow: time it on a slice, report films/s
         started = time.perf_counter()
@@ -144,20 +173,37 @@ def main() -> None:
         print(f"  (a) sequential loop      {rate_a:7.1f} films/s  (timed on {len(small)} films)")
         print(f"  (b) batched, in-process  {rate_b:7.1f} films/s")
 
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
+        )
         results = {}
         for actors in (1, 2):
             seconds, peak = ray_run(cfg, records, clf, tmp / "unet.pt", actors)
             results[actors] = n / seconds
-            print(f"  (c) Ray Data, {actors} actor(s)  {n / seconds:7.1f} films/s  peak RSS {peak:,.0f} MiB")
+            print(
+                f"  (c) Ray Data, {actors} actor(s)  {n / seconds:7.1f} films/s  "
+                f"peak RSS {peak:,.0f} MiB"
+            )
         best = max(results.values())
-        print(f"\n  (c)/(a) = {best / rate_a:5.2f}x  (goal >= 2: {'met' if best / rate_a >= 2 else 'MISSED'})")
-        print(f"  (c)/(b) = {best / rate_b:5.2f}   (goal >= 0.75: {'met' if best / rate_b >= 0.75 else 'MISSED'})")
+        print(
+            f"\n  (c)/(a) = {best / rate_a:5.2f}x  "
+            f"(goal >= 2: {'met' if best / rate_a >= 2 else 'MISSED'})"
+        )
+        print(
+            f"  (c)/(b) = {best / rate_b:5.2f}   "
+            f"(goal >= 0.75: {'met' if best / rate_b >= 0.75 else 'MISSED'})"
+        )
         _, peak_quarter = ray_run(cfg, records[: n // 4], clf, tmp / "unet.pt", 2)
         _, peak_full = ray_run(cfg, records, clf, tmp / "unet.pt", 2)
-        print(f"  peak RSS, 2 actors: {n // 4:,} films {peak_quarter:,.0f} MiB, {n:,} films {peak_full:,.0f} MiB "
-              f"(x{peak_full / peak_quarter:.2f} for x4 data)")
+        print(
+            f"  peak RSS, 2 actors: {n // 4:,} films {peak_quarter:,.0f} MiB, "
+            f"{n:,} films {peak_full:,.0f} MiB "
+            f"(x{peak_full / peak_quarter:.2f} for x4 data)"
+        )
         ray.shutdown()
 
 

@@ -50,7 +50,9 @@ class BaseCAM:
             # Works under callers' no_grad() and inference_mode(): only the head records a graph.
             with torch.inference_mode(False):
                 with torch.no_grad():
-                    activations = model.features(images.clone() if images.is_inference() else images)
+                    activations = model.features(
+                        images.clone() if images.is_inference() else images
+                    )
                 with torch.enable_grad():
                     leaf = activations.detach().requires_grad_(True)
                     logits = model.head(leaf)
@@ -84,12 +86,16 @@ class HiResCAM(BaseCAM):
 METHODS: dict[str, BaseCAM] = {"gradcam": GradCAM(), "hirescam": HiResCAM()}
 
 
-def grad_cam(model: nn.Module, images: torch.Tensor, target: Target = None, size=None, return_logits=False):
+def grad_cam(
+    model: nn.Module, images: torch.Tensor, target: Target = None, size=None, return_logits=False
+):
     """Grad-CAM at the output of `model.features`: [N, H, W] in [0, 1] (see the module doc)."""
     return METHODS["gradcam"](model, images, target, size, return_logits)
 
 
-def hires_cam(model: nn.Module, images: torch.Tensor, target: Target = None, size=None, return_logits=False):
+def hires_cam(
+    model: nn.Module, images: torch.Tensor, target: Target = None, size=None, return_logits=False
+):
     """HiResCAM at the output of `model.features`; same signature and output as `grad_cam`."""
     return METHODS["hirescam"](model, images, target, size, return_logits)
 
@@ -105,14 +111,17 @@ def resolve_method(model: nn.Module, method: str = "auto") -> str:
 
 class EarlierLayer(nn.Module):
     """A classifier with its CAM layer moved `depth` feature blocks towards the input: the same
-    function and weights (shared, not copied), a finer map (twice the resolution per ResNet block)."""
+    function and weights (shared, not copied), a finer map (twice the resolution per ResNet
+    block)."""
 
     def __init__(self, model: nn.Module, depth: int):
         super().__init__()
         blocks = list(model.features)
         if not 0 < depth < len(blocks):
-            raise ValueError(f"CAM depth {depth} is out of range: this model has {len(blocks)} feature blocks, "
-                             f"so use 0 to {len(blocks) - 1}")
+            raise ValueError(
+                f"CAM depth {depth} is out of range: this model has {len(blocks)} feature blocks, "
+                f"so use 0 to {len(blocks) - 1}"
+            )
         self.features = nn.Sequential(*blocks[:-depth])
         self.head = nn.Sequential(*blocks[-depth:], model.head)
         self.cam_method = getattr(model, "cam_method", "hirescam")
@@ -170,8 +179,12 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     """Per-map min-max to [0, 1]; a flat map (no evidence anywhere) is all zeros, not NaN."""
     flat = maps.flatten(1)
     low = flat.min(dim=1).values[:, None, None]
-    span = (flat.max(dim=1).values[:, None, None] - low)
-    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    span = flat.max(dim=1).values[:, None, None] - low
+    return torch.where(
+        span > 0,
+        (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny),
+        torch.zeros_like(maps),
+    )
 
 
 def _targets(target: Target, logits: torch.Tensor) -> torch.Tensor:

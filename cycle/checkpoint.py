@@ -28,10 +28,14 @@ def model_meta(cfg: Config, model: Classifier) -> dict:
 
 
 def save_classifier(path: str | Path, model: Classifier, cfg: Config, **extra) -> Path:
-    return atomic_torch_save(path, {"model": model.state_dict(), "meta": model_meta(cfg, model), **extra})
+    return atomic_torch_save(
+        path, {"model": model.state_dict(), "meta": model_meta(cfg, model), **extra}
+    )
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, Preprocess]:
+def load_classifier(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Classifier, Preprocess]:
     """Rebuild the classifier a checkpoint (best.pt / last.pt) was trained as, in eval mode."""
     path = Path(path)
     if not path.is_file():
@@ -39,8 +43,12 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     saved = torch.load(path, map_location="cpu", weights_only=True)
     meta = saved.get("meta") if isinstance(saved, dict) else None
     if not meta:
-        raise ValueError(f"{path} has no 'meta' (architecture, input size): is it a checkpoint of this project?")
-    model = build_model(meta["arch"], num_classes=meta["num_classes"], image_size=meta["image_size"])
+        raise ValueError(
+            f"{path} has no 'meta' (architecture, input size): is it a checkpoint of this project?"
+        )
+    model = build_model(
+        meta["arch"], num_classes=meta["num_classes"], image_size=meta["image_size"]
+    )
     model.load_state_dict(saved["model"])
     preprocess = Preprocess(meta["image_size"], meta["crop_fraction"], meta["mean"], meta["std"])
     return model.to(device).eval(), preprocess
@@ -50,21 +58,26 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
 # Training state: what a loop interrupted after any epoch resumes from
 
 
-def save_training_state(path: str | Path, model: nn.Module, optimizer, scheduler, state: dict,
-                        meta: dict) -> Path:
+def save_training_state(
+    path: str | Path, model: nn.Module, optimizer, scheduler, state: dict, meta: dict
+) -> Path:
     """Weights, optimiser, scheduler, the loop's own state (epoch, best so far, history) and the
     model's meta, written atomically: a crash leaves the previous epoch's file whole."""
-    return atomic_torch_save(path, {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "state": state,
-        "meta": meta,
-    })
+    return atomic_torch_save(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "meta": meta,
+        },
+    )
 
 
-def read_checkpoint(path: str | Path, log: Callable[[str], None] = print,
-                    who: str = "") -> dict | None:
+def read_checkpoint(
+    path: str | Path, log: Callable[[str], None] = print, who: str = ""
+) -> dict | None:
     """A checkpoint, or None (with a message) when it is truncated or unreadable: the stage then
     starts over instead of ending in a traceback."""
     try:

@@ -130,7 +130,9 @@ class CyclesConfig(Section):
     epochs: int = Field(3, ge=1)
     lr: float = Field(3e-4, gt=0.0)
     stop_epsilon: float = Field(0.01, ge=0.0)  # stop when lung energy share gains less
-    stop_delta: float = Field(0.10, ge=0.0)  # ... or val accuracy drops more (val shares the shortcut: losing it costs some)
+    stop_delta: float = Field(
+        0.10, ge=0.0
+    )  # ... or val accuracy drops more (val shares the shortcut: losing it costs some)
 
 
 class TrackingConfig(Section):
@@ -168,8 +170,14 @@ class SweepConfig(Section):
 
 
 # Config values that name files or folders (made absolute by the driver before anything runs).
-PATH_KEYS = ("output_dir", "data.root", "data.phantom.out_dir", "model.weights_path", "lungseg.weights",
-             "resources.storage_path")
+PATH_KEYS = (
+    "output_dir",
+    "data.root",
+    "data.phantom.out_dir",
+    "model.weights_path",
+    "lungseg.weights",
+    "resources.storage_path",
+)
 
 
 class Config(Section):
@@ -199,8 +207,10 @@ class Config(Section):
                     raise ConfigError(f"invalid config ({source}):\n  {key}: unknown key")
                 node = node[part]
             if leaf not in node:
-                raise ConfigError(f"invalid config ({source}):\n  {key}: unknown key; allowed keys in "
-                                  f"'{'.'.join(parents)}': {', '.join(sorted(node))}")
+                raise ConfigError(
+                    f"invalid config ({source}):\n  {key}: unknown key; allowed keys in "
+                    f"'{'.'.join(parents)}': {', '.join(sorted(node))}"
+                )
             node[leaf] = value
         return validate_config(raw, source=source)
 
@@ -228,8 +238,11 @@ class Config(Section):
     def storage_path(self) -> str:
         """Where Ray Train/Tune keep checkpoints: the config, else $CYCLE_STORAGE_PATH (set on a
         cluster's nodes, see cluster.yaml), else under output_dir."""
-        return (self.resources.storage_path or os.environ.get("CYCLE_STORAGE_PATH")
-                or str(Path(self.output_dir, "ray").resolve()))
+        return (
+            self.resources.storage_path
+            or os.environ.get("CYCLE_STORAGE_PATH")
+            or str(Path(self.output_dir, "ray").resolve())
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +268,8 @@ def validate_config(raw: Mapping[str, Any], source: str = "config") -> Config:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `a.b.c=value` to a nested dict; the value is parsed as YAML (1e-3, true, [a, b])."""
+    """Apply one `a.b.c=value` to a nested dict; the value is parsed as YAML
+    (1e-3, true, [a, b])."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -298,7 +312,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 

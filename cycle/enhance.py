@@ -40,7 +40,11 @@ def soft_mask(masks: np.ndarray, dilate_px: int, feather_px: float = 2.0) -> np.
     """Boolean masks -> float masks: 1 on the mask dilated by `dilate_px`, fading to 0 outside
     it over about `feather_px` (outward only: the lungs themselves are never dimmed)."""
     out = np.empty(masks.shape, np.float32)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1,) * 2) if dilate_px else None
+    kernel = (
+        cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1,) * 2)
+        if dilate_px
+        else None
+    )
     for i, mask in enumerate(masks.astype(np.uint8)):
         grown = cv2.dilate(mask, kernel) if kernel is not None else mask
         soft = grown.astype(np.float32)

@@ -49,15 +49,20 @@ def autocast(cfg: Config, device: torch.device):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: ImageDataset, cfg: Config,
-            device: torch.device) -> dict[str, np.ndarray]:
+def predict(
+    model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device
+) -> dict[str, np.ndarray]:
     """Per-image P(PNEUMONIA) and loss over a whole split, in record order (no augmentation)."""
     was_training = model.training
     model.eval()
     probs = np.zeros(len(dataset), np.float64)
     losses = np.zeros(len(dataset), np.float64)
-    plain = DataLoader(dataset, batch_size=max(cfg.train.batch_size, 64), shuffle=False,
-                       num_workers=cfg.data.loader_workers)
+    plain = DataLoader(
+        dataset,
+        batch_size=max(cfg.train.batch_size, 64),
+        shuffle=False,
+        num_workers=cfg.data.loader_workers,
+    )
     for images, labels, index in plain:
         with autocast(cfg, device):
             logits = model(images.to(device, non_blocking=True)).float()
@@ -68,14 +73,21 @@ def predict(model: nn.Module, dataset: ImageDataset, cfg: Config,
     return {"probs": probs, "losses": losses, "labels": dataset.labels}
 
 
-def split_metrics(model: nn.Module, dataset: ImageDataset, cfg: Config,
-                  device: torch.device) -> dict[str, float]:
+def split_metrics(
+    model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device
+) -> dict[str, float]:
     out = predict(model, dataset, cfg, device)
     return classification_metrics(out["labels"], out["probs"], out["losses"])
 
 
-def evaluate_splits(model: nn.Module, datasets: dict[str, ImageDataset], cfg: Config,
-                    device: torch.device, run_dir: Path, **flat_extra) -> tuple[dict, dict]:
+def evaluate_splits(
+    model: nn.Module,
+    datasets: dict[str, ImageDataset],
+    cfg: Config,
+    device: torch.device,
+    run_dir: Path,
+    **flat_extra,
+) -> tuple[dict, dict]:
     """Every evaluation split present in `datasets`: run_dir/metrics.json ({"flat", "splits"})
     and predictions_<split>.csv. Returns (flat metrics, metrics per split)."""
     results, flat = {}, dict(flat_extra)
@@ -127,7 +139,9 @@ def evaluate_localization(
         chunk = records[start : start + batch_size]
         films = [pre.resize(load_grayscale(r.path)) for r in chunk]
         x = torch.stack([pre.normalise(pre.crop(f)) for f in films])
-        cams = compute_cam(model, x, method=cam_method, depth=cam_depth, batch_size=batch_size).numpy()
+        cams = compute_cam(
+            model, x, method=cam_method, depth=cam_depth, batch_size=batch_size
+        ).numpy()
         masks = _masks(chunk, films, pre, unet)
         for name, values in localization_metrics(cams, **masks).items():
             per_image.setdefault(name, []).append(values)
@@ -140,11 +154,17 @@ def evaluate_localization(
         resized = [pre.resize(load_grayscale(r.path)) for r in panel]
         films = np.stack([pre.crop(f) for f in resized])
         x = torch.stack([pre.normalise(f) for f in films])
-        cams, logits = compute_cam(model, x, method=cam_method, return_logits=True, depth=cam_depth,
-                                   batch_size=batch_size)
+        cams, logits = compute_cam(
+            model, x, method=cam_method, return_logits=True, depth=cam_depth, batch_size=batch_size
+        )
         lungs = _masks(panel, resized, pre, unet)["lungs"]
-        arrays = {"films": films, "cams": cams.numpy(), "probs": logits.softmax(1)[:, 1].numpy(),
-                  "labels": np.array([r.label for r in panel]), "lungs": lungs}
+        arrays = {
+            "films": films,
+            "cams": cams.numpy(),
+            "probs": logits.softmax(1)[:, 1].numpy(),
+            "labels": np.array([r.label for r in panel]),
+            "lungs": lungs,
+        }
         atomic_write(out_npz, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
     return summary
 
@@ -172,4 +192,3 @@ class _LazyLungModel:
                 raise ValueError("no truth masks beside these films: pass a lung model")
             self.model = load_lung_model(self.path)
         return self.model
-

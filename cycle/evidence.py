@@ -46,13 +46,21 @@ def share_baseline(source: Path, target: Path) -> None:
         return
     tmp = target / "cycle_0.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source / "cycle_0", tmp, ignore=shutil.ignore_patterns("mlflow_run.json", "ray_checkpoint"))
+    shutil.copytree(
+        source / "cycle_0", tmp, ignore=shutil.ignore_patterns("mlflow_run.json", "ray_checkpoint")
+    )
     shutil.copy2(source / "records.json", target / "records.json")
     tmp.rename(target / "cycle_0")
 
 
-def run_evidence(cfg: Config, seeds: list[int], variants: list[str], prefix: str, log=print,
-                 inprocess_shards: bool = False) -> Path:
+def run_evidence(
+    cfg: Config,
+    seeds: list[int],
+    variants: list[str],
+    prefix: str,
+    log=print,
+    inprocess_shards: bool = False,
+) -> Path:
     """Run every (seed, variant) cycle job; returns the folder of the evidence report."""
     out = Path(cfg.output_dir)
     for seed in seeds:
@@ -64,7 +72,9 @@ def run_evidence(cfg: Config, seeds: list[int], variants: list[str], prefix: str
             if first is not None:
                 share_baseline(out / first, root)
             log(f"[evidence] seed {seed}, {variant}: {root}")
-            runner = Runner(variant_config(cfg, seed, variant), name, inprocess_shards=inprocess_shards)
+            runner = Runner(
+                variant_config(cfg, seed, variant), name, inprocess_shards=inprocess_shards
+            )
             with runner.claim():
                 state = runner.run()
                 write_cycle_report(runner, state, "tracking: see the evidence report")
@@ -78,8 +88,10 @@ def run_evidence(cfg: Config, seeds: list[int], variants: list[str], prefix: str
 
 def _correct(path: Path) -> dict[str, float]:
     with open(path, newline="") as f:
-        return {row["path"]: float((float(row["prob_pneumonia"]) >= 0.5) == (row["label"] == "1"))
-                for row in csv.DictReader(f)}
+        return {
+            row["path"]: float((float(row["prob_pneumonia"]) >= 0.5) == (row["label"] == "1"))
+            for row in csv.DictReader(f)
+        }
 
 
 def per_film(run_root: Path, arch: str, k: int) -> dict[str, np.ndarray]:
@@ -90,7 +102,11 @@ def per_film(run_root: Path, arch: str, k: int) -> dict[str, np.ndarray]:
     values = {name: loc[name].astype(np.float64) for name in loc.files if name != "paths"}
     test = _correct(train / "predictions_test.csv")
     values["test_accuracy"] = np.array([test[p] for p in order])
-    cf = _correct(train / "predictions_test_cf.csv") if (train / "predictions_test_cf.csv").is_file() else {}
+    cf = (
+        _correct(train / "predictions_test_cf.csv")
+        if (train / "predictions_test_cf.csv").is_file()
+        else {}
+    )
     if cf:
         cf_order = sorted(cf)
         values["test_cf_accuracy"] = np.array([cf[p] for p in cf_order])
@@ -98,15 +114,19 @@ def per_film(run_root: Path, arch: str, k: int) -> dict[str, np.ndarray]:
 
 
 def last_cycle(run_root: Path, arch: str) -> int:
-    done = [int(d.name.split("_")[1]) for d in run_root.glob("cycle_*")
-            if (d / arch / "evaluate" / "DONE").is_file()]
+    done = [
+        int(d.name.split("_")[1])
+        for d in run_root.glob("cycle_*")
+        if (d / arch / "evaluate" / "DONE").is_file()
+    ]
     if not done:
         raise FileNotFoundError(f"no finished cycle of {arch} in {run_root}")
     return max(done)
 
 
-def paired_bootstrap(before: list[np.ndarray], after: list[np.ndarray], n_boot: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    before: list[np.ndarray], after: list[np.ndarray], n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean change and 95% interval: seeds resampled, then films within each seed."""
     diffs = [np.asarray(a, np.float64) - np.asarray(b, np.float64) for b, a in zip(before, after)]
     diffs = [d[~np.isnan(d)] for d in diffs]
@@ -117,13 +137,20 @@ def paired_bootstrap(before: list[np.ndarray], after: list[np.ndarray], n_boot: 
     means = np.empty(n_boot)
     for b in range(n_boot):
         picked = rng.integers(0, len(diffs), size=len(diffs))
-        means[b] = np.mean(np.concatenate([diffs[s][rng.integers(0, len(diffs[s]), len(diffs[s]))] for s in picked]))
+        means[b] = np.mean(
+            np.concatenate(
+                [diffs[s][rng.integers(0, len(diffs[s]), len(diffs[s]))] for s in picked]
+            )
+        )
     low, high = np.quantile(means, [0.025, 0.975])
     return float(np.mean(np.concatenate(diffs))), float(low), float(high)
 
 
-def collect(out_dir: Path, prefix: str, seeds: list[int], variants: list[str], archs: list[str]) -> dict:
-    """{arch: {variant: {metric: {baseline, last, change, low, high, seeds}}}} over finished runs."""
+def collect(
+    out_dir: Path, prefix: str, seeds: list[int], variants: list[str], archs: list[str]
+) -> dict:
+    """{arch: {variant: {metric: {baseline, last, change, low, high, seeds}}}} over finished
+    runs."""
     table: dict = {}
     for arch in archs:
         for variant in variants:
@@ -150,8 +177,13 @@ def collect(out_dir: Path, prefix: str, seeds: list[int], variants: list[str], a
                 if metric not in before:
                     continue
                 change, low, high = paired_bootstrap(before[metric], after[metric])
-                row[metric] = {"baseline": float(np.nanmean(np.concatenate(before[metric]))),
-                               "last": float(np.nanmean(np.concatenate(after[metric]))),
-                               "change": change, "low": low, "high": high, "seeds": used}
+                row[metric] = {
+                    "baseline": float(np.nanmean(np.concatenate(before[metric]))),
+                    "last": float(np.nanmean(np.concatenate(after[metric]))),
+                    "change": change,
+                    "low": low,
+                    "high": high,
+                    "seeds": used,
+                }
             table.setdefault(arch, {})[variant] = row
     return table

@@ -41,8 +41,13 @@ def list_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[st
     files, problems = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            files.extend(sorted(p for p in item.rglob("*") if p.is_file() and not _hidden(p, item)
-                                and p.suffix.lower() in IMAGE_EXTENSIONS))
+            files.extend(
+                sorted(
+                    p
+                    for p in item.rglob("*")
+                    if p.is_file() and not _hidden(p, item) and p.suffix.lower() in IMAGE_EXTENSIONS
+                )
+            )
         elif item.is_file():
             files.append(item)
         else:
@@ -63,18 +68,26 @@ def cam_on_film(cam: np.ndarray, film_shape: tuple[int, int], preprocess: Prepro
     return cv2.resize(canvas, (film_shape[1], film_shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def overlay_png(film: np.ndarray, cam: np.ndarray, preprocess: Preprocess, caption: str, alpha: float = 0.45) -> bytes:
+def overlay_png(
+    film: np.ndarray, cam: np.ndarray, preprocess: Preprocess, caption: str, alpha: float = 0.45
+) -> bytes:
     scale = min(1.0, MAX_SIDE / max(film.shape))
     size = (max(1, round(film.shape[1] * scale)), max(1, round(film.shape[0] * scale)))
     film_small = cv2.resize(film, size, interpolation=cv2.INTER_AREA)
-    cam_small = cv2.resize(cam_on_film(cam, film.shape, preprocess), size, interpolation=cv2.INTER_LINEAR)
-    heat = cv2.applyColorMap(np.clip(cam_small * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+    cam_small = cv2.resize(
+        cam_on_film(cam, film.shape, preprocess), size, interpolation=cv2.INTER_LINEAR
+    )
+    heat = cv2.applyColorMap(
+        np.clip(cam_small * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO
+    )
     base = cv2.cvtColor(film_small, cv2.COLOR_GRAY2BGR)
     out = cv2.addWeighted(base, 1 - alpha, heat, alpha, 0)
     seen = cv2.resize(cam_on_film(np.ones_like(cam), film.shape, preprocess), size) > 0.5
     out[~seen] = (out[~seen] * 0.35).astype(np.uint8)  # outside the crop: the model never saw it
     cv2.rectangle(out, (0, 0), (min(size[0], 9 * len(caption) + 8), 22), (0, 0, 0), -1)
-    cv2.putText(out, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(
+        out, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA
+    )
     ok, buf = cv2.imencode(".png", out)
     if not ok:
         raise RuntimeError("PNG encoding failed")
@@ -133,7 +146,9 @@ def explain_files(
             if lung is not None:
                 value = float(energy_share(cam_on_film(cam, film.shape, preprocess), lung)[0])
                 share = None if np.isnan(value) else value  # no lungs found, or a flat map
-            rows.append(Explained(str(path), CLASSES[pred], confidence, float(p), str(overlay), share))
+            rows.append(
+                Explained(str(path), CLASSES[pred], confidence, float(p), str(overlay), share)
+            )
         if progress is not None:
             progress(len(rows), len(files))
     buf = io.StringIO()
@@ -141,13 +156,21 @@ def explain_files(
     header = ["path", "predicted", "probability", "prob_pneumonia", "overlay"]
     writer.writerow(header + (["lung_energy_share"] if lung_model is not None else []))
     for row in rows:
-        cells = [row.path, row.predicted, f"{row.probability:.6f}", f"{row.prob_pneumonia:.6f}", row.overlay]
+        cells = [
+            row.path,
+            row.predicted,
+            f"{row.probability:.6f}",
+            f"{row.prob_pneumonia:.6f}",
+            row.overlay,
+        ]
         if lung_model is not None:
             cells.append("" if row.lung_energy_share is None else f"{row.lung_energy_share:.6f}")
         writer.writerow(cells)
     atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
     if skipped:
-        atomic_write_text(out_dir / "skipped.csv", "path,reason\n" + "".join(f'"{p}","{r}"\n' for p, r in skipped))
+        atomic_write_text(
+            out_dir / "skipped.csv", "path,reason\n" + "".join(f'"{p}","{r}"\n' for p, r in skipped)
+        )
     return rows, skipped
 
 

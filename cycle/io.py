@@ -59,13 +59,16 @@ class LockHeld(RuntimeError):
 
 @contextmanager
 def folder_lock(folder: str | Path, what: str, wait: bool, log: Callable[[str], None] = print):
-    """Hold `.<folder>.lock` beside the folder (an flock, released by the kernel when the holder dies) for the block.
+    """Hold `.<folder>.lock` beside the folder (an flock, released by the kernel when the holder
+    dies) for the block.
     `wait=False` refuses at once with LockHeld naming the holder (a run folder: two jobs must
     never write one run); `wait=True` waits for it (a shared cache: the second job reuses what
     the first made). A lock file left by a dead process is taken over, with a message."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    path = folder.parent / f".{folder.name}.lock"  # beside it: a folder rebuilt whole keeps its lock
+    path = (
+        folder.parent / f".{folder.name}.lock"
+    )  # beside it: a folder rebuilt whole keeps its lock
     handle = open(path, "a+")
     held = False
     try:
@@ -74,14 +77,19 @@ def folder_lock(folder: str | Path, what: str, wait: bool, log: Callable[[str], 
         except BlockingIOError:
             _, holder = _lock_holder(path)
             if not wait:
-                raise LockHeld(f"{what} ({folder}) is in use by {holder}; wait for it to finish, or stop "
-                               "it, or pick another name") from None
+                raise LockHeld(
+                    f"{what} ({folder}) is in use by {holder}; wait for it to finish, or stop "
+                    "it, or pick another name"
+                ) from None
             log(f"waiting for {holder} to finish with {what} ({folder}) ...")
             fcntl.flock(handle, fcntl.LOCK_EX)
         else:
             pid, previous = _lock_holder(path)
             if pid is not None and pid != os.getpid():
-                log(f"taking over the lock of {what} ({folder}) left by {previous}, which is no longer running")
+                log(
+                    f"taking over the lock of {what} ({folder}) left by {previous}, "
+                    "which is no longer running"
+                )
         held = True
         handle.seek(0)
         handle.truncate()
@@ -98,7 +106,8 @@ def folder_lock(folder: str | Path, what: str, wait: bool, log: Callable[[str], 
 
 
 def _lock_holder(path: Path) -> tuple[int | None, str]:
-    """(pid, "process N [on host]") of what the lock file names; (None, "another process") if none."""
+    """(pid, "process N [on host]") of what the lock file names; (None, "another process") if
+    none."""
     try:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):

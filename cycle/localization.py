@@ -70,7 +70,9 @@ def localization_metrics(cams, lungs, lesions=None, confounders=None) -> dict[st
     return out
 
 
-def bootstrap_ci(values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean and percentile bootstrap (1 - alpha) interval of the non-NaN values."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
@@ -82,7 +84,9 @@ def bootstrap_ci(values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0)
     return (float(values.mean()), float(low), float(high))
 
 
-def summarize(per_image: dict[str, np.ndarray], seed: int = 0) -> dict[str, tuple[float, float, float]]:
+def summarize(
+    per_image: dict[str, np.ndarray], seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
     return {name: bootstrap_ci(values, seed=seed) for name, values in per_image.items()}
 
 

@@ -59,9 +59,14 @@ def format_table(rows: Mapping[str, Mapping[str, float]], columns=("n", *METRIC_
         cells = [split]
         for col in columns:
             value = values.get(col, math.nan)
-            cells.append(f"{int(value)}" if col == "n" and not math.isnan(value) else f"{value:.4f}")
+            cells.append(
+                f"{int(value)}" if col == "n" and not math.isnan(value) else f"{value:.4f}"
+            )
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
+    out = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        for line in lines
+    ]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -54,7 +54,9 @@ def cam_grid(
     """
     n = len(images)
     rows, cols = _grid(n, cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + (0.4 if title else 0)), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.9 * cols, 1.9 * rows + (0.4 if title else 0)), squeeze=False
+    )
     for ax in axes.ravel():
         ax.set_axis_off()
     for i in range(n):
@@ -65,10 +67,23 @@ def cam_grid(
         confidence = probs[i] if pred else 1 - probs[i]
         correct = pred == int(labels[i])
         colour = ("#2ecc40" if confidence >= CONFIDENT else "white") if correct else "#ff4136"
-        ax.text(2, 2, f"{CLASSES[pred][:4]} {confidence:.2f}", color="black", fontsize=6.5, va="top",
-                bbox={"facecolor": colour, "alpha": 0.85, "pad": 1.2, "linewidth": 0})
+        ax.text(
+            2,
+            2,
+            f"{CLASSES[pred][:4]} {confidence:.2f}",
+            color="black",
+            fontsize=6.5,
+            va="top",
+            bbox={"facecolor": colour, "alpha": 0.85, "pad": 1.2, "linewidth": 0},
+        )
         if not correct:
-            ax.text(2, images[i].shape[0] - 3, f"true {CLASSES[int(labels[i])][:4]}", color="white", fontsize=6)
+            ax.text(
+                2,
+                images[i].shape[0] - 3,
+                f"true {CLASSES[int(labels[i])][:4]}",
+                color="white",
+                fontsize=6,
+            )
         for spine in ax.spines.values():
             spine.set_visible(True)
             spine.set_color(colour)
@@ -108,7 +123,9 @@ def before_after_grid(
             if i == 0:
                 ax.set_title(("film", *names)[j], fontsize=8)
         if labels is not None:
-            axes[i, 0].text(2, 2, CLASSES[int(labels[i])][:4], color="yellow", fontsize=6.5, va="top")
+            axes[i, 0].text(
+                2, 2, CLASSES[int(labels[i])][:4], color="yellow", fontsize=6.5, va="top"
+            )
     fig.subplots_adjust(wspace=0.03, hspace=0.03)
     return _save(fig, path)
 
@@ -119,8 +136,15 @@ def confusion_matrix_plot(cm: Sequence[Sequence[int]], path: str | Path, title: 
     ax.imshow(cm, cmap="Blues")
     total = max(int(cm.sum()), 1)
     for (r, c), value in np.ndenumerate(cm):
-        ax.text(c, r, f"{value}\n{value / total:.0%}", ha="center", va="center",
-                color="white" if value > cm.max() / 2 else "black", fontsize=9)
+        ax.text(
+            c,
+            r,
+            f"{value}\n{value / total:.0%}",
+            ha="center",
+            va="center",
+            color="white" if value > cm.max() / 2 else "black",
+            fontsize=9,
+        )
     ax.set_xticks([0, 1], [f"pred {c[:4]}" for c in CLASSES])
     ax.set_yticks([0, 1], [f"true {c[:4]}" for c in CLASSES])
     if title:
@@ -138,7 +162,7 @@ def cycle_curves(
     per_cycle: {arch: [{metric: value, metric_ci_low: ..., metric_ci_high: ...}, ...]}."""
     rows, cols = _grid(len(metrics), min(3, len(metrics)))
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.ravel()[len(metrics):]:
+    for ax in axes.ravel()[len(metrics) :]:
         ax.set_axis_off()
     for ax, metric in zip(axes.ravel(), metrics):
         for arch, cycles in per_cycle.items():
@@ -174,17 +198,26 @@ def mask_comparison(films, truths, preds, path: str | Path, cols: int = 4) -> Pa
         rgb[extra] = np.array([0.2, 0.4, 1.0])
         dice = 2 * both.sum() / max(truth.sum() + pred.sum(), 1)
         ax.imshow(np.clip(rgb, 0, 1))
-        ax.text(3, 3, f"Dice {dice:.3f}", color="white", fontsize=7, va="top",
-                bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
+        ax.text(
+            3,
+            3,
+            f"Dice {dice:.3f}",
+            color="white",
+            fontsize=7,
+            va="top",
+            bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0},
+        )
     fig.subplots_adjust(wspace=0.03, hspace=0.03)
     return _save(fig, path)
 
 
-def enhanced_grid(originals, cams, enhanced, path: str | Path, cols: int | None = None,
-                  alpha: float = 0.45) -> Path:
+def enhanced_grid(
+    originals, cams, enhanced, path: str | Path, cols: int | None = None, alpha: float = 0.45
+) -> Path:
     """Triplets (film, film + CAM, enhanced film) under a header naming the three; arrays
     [N, H, W] in [0, 1]. `cols` triplets a row, by default as many as keep the sheet about
-    square (9 films: 2 a row, not one long strip). Drawn with OpenCV: 49 triplets in milliseconds."""
+    square (9 films: 2 a row, not one long strip). Drawn with OpenCV: 49 triplets in
+    milliseconds."""
     tiles = []
     for film, cam, out in zip(originals, cams, enhanced):
         gray = cv2.cvtColor(np.clip(film * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
@@ -209,12 +242,22 @@ def _triplet_header(tile_width: int, cols: int, height: int = 22) -> np.ndarray:
     for c in range(cols):
         for j, label in enumerate(("film", "CAM", "enhanced")):
             x = c * tile_width + 3 + j * third + 4
-            cv2.putText(header, label, (x, height - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                        (230, 230, 230), 1, cv2.LINE_AA)
+            cv2.putText(
+                header,
+                label,
+                (x, height - 7),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.45,
+                (230, 230, 230),
+                1,
+                cv2.LINE_AA,
+            )
     return header
 
 
-def sweep_scatter(rows: Sequence[Mapping], keys: Sequence[str], objective: str, path: str | Path) -> Path:
+def sweep_scatter(
+    rows: Sequence[Mapping], keys: Sequence[str], objective: str, path: str | Path
+) -> Path:
     """One panel per swept setting: each trial's value against its objective (categories spread
     on the x axis); trials stopped early by ASHA hollow."""
     n = max(1, len(keys))
@@ -231,7 +274,9 @@ def sweep_scatter(rows: Sequence[Mapping], keys: Sequence[str], objective: str, 
         ys = np.array([row["objective"] for row in rows], dtype=float)
         done = np.array([row["status"] == "finished" for row in rows])
         ax.scatter(xs[done], ys[done], c="tab:blue", label="finished")
-        ax.scatter(xs[~done], ys[~done], facecolors="none", edgecolors="tab:red", label="stopped early")
+        ax.scatter(
+            xs[~done], ys[~done], facecolors="none", edgecolors="tab:red", label="stopped early"
+        )
         if numeric and len(xs) and xs.min() > 0 and xs.max() / xs.min() > 50:
             ax.set_xscale("log")
         ax.set_xlabel(key)

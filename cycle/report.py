@@ -23,19 +23,27 @@ if TYPE_CHECKING:  # annotations only: the runner imports this module
 
 # (metric, column label): what a cycle report shows, and what the evidence table compares.
 REPORT_METRICS = (
-    ("test_accuracy", "test acc"), ("test_sensitivity", "sens"), ("test_specificity", "spec"),
-    ("test_auc", "AUC"), ("test_cf_accuracy", "cf acc"), ("lung_energy_share", "lung share"),
-    ("lesion_pointing_game", "pointing"), ("confounder_energy_share", "confounder share"),
+    ("test_accuracy", "test acc"),
+    ("test_sensitivity", "sens"),
+    ("test_specificity", "spec"),
+    ("test_auc", "AUC"),
+    ("test_cf_accuracy", "cf acc"),
+    ("lung_energy_share", "lung share"),
+    ("lesion_pointing_game", "pointing"),
+    ("confounder_energy_share", "confounder share"),
 )
 EVIDENCE_METRICS = (
-    ("test_accuracy", "test acc"), ("test_cf_accuracy", "cf acc"),
-    ("lesion_pointing_game", "pointing"), ("lung_energy_share", "lung share"),
+    ("test_accuracy", "test acc"),
+    ("test_cf_accuracy", "cf acc"),
+    ("lesion_pointing_game", "pointing"),
+    ("lung_energy_share", "lung share"),
     ("confounder_energy_share", "confounder share"),
 )
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A markdown table: one line per row, cells as given (format numbers before)."""
+
     def line(cells: Sequence[Any]) -> str:
         return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -55,6 +63,7 @@ def cell(value: Any) -> str:
 
 def cycle_table(results: dict[str, list[dict]]) -> str:
     """One row per (architecture, cycle), metrics with 95% intervals where measured."""
+
     def measured(m: dict, key: str) -> str:
         value = m.get(key, np.nan)
         low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
@@ -62,8 +71,12 @@ def cycle_table(results: dict[str, list[dict]]) -> str:
 
     return markdown_table(
         ["arch", "cycle", *(label for _, label in REPORT_METRICS)],
-        ([arch, k, *(measured(m, key) for key, _ in REPORT_METRICS)]
-         for arch, cycles in results.items() for k, m in enumerate(cycles)))
+        (
+            [arch, k, *(measured(m, key) for key, _ in REPORT_METRICS)]
+            for arch, cycles in results.items()
+            for k, m in enumerate(cycles)
+        ),
+    )
 
 
 def cycle_pictures(paths: RunPaths, k: int, arch: str) -> list[Path]:
@@ -72,21 +85,40 @@ def cycle_pictures(paths: RunPaths, k: int, arch: str) -> list[Path]:
     stage = paths.stage(k, arch, "evaluate")
     panel = np.load(stage / "panel.npz")
     pre_films = panel["films"] / 255.0
-    out = [plots.cam_grid(pre_films, panel["cams"], panel["probs"], panel["labels"],
-                          stage / "cam_grid.png", title=f"{arch}, cycle {k}: test films")]
+    out = [
+        plots.cam_grid(
+            pre_films,
+            panel["cams"],
+            panel["probs"],
+            panel["labels"],
+            stage / "cam_grid.png",
+            title=f"{arch}, cycle {k}: test films",
+        )
+    ]
     metrics = json.loads((paths.stage(k, arch, "train") / "metrics.json").read_text())["splits"]
     for split in ("test", "test_cf"):
         if split in metrics:
-            out.append(plots.confusion_matrix_plot(metrics[split]["confusion_matrix"],
-                                                   stage / f"confusion_{split}.png",
-                                                   title=f"{arch} c{k} {split}"))
+            out.append(
+                plots.confusion_matrix_plot(
+                    metrics[split]["confusion_matrix"],
+                    stage / f"confusion_{split}.png",
+                    title=f"{arch} c{k} {split}",
+                )
+            )
     if k > 0:
         before = np.load(paths.stage(0, arch, "evaluate") / "panel.npz")
         n = 12
-        out.append(plots.before_after_grid(pre_films[:n], before["cams"][:n], panel["cams"][:n],
-                                           stage / "cam_before_after.png", panel["labels"][:n],
-                                           names=("cycle 0", f"cycle {k}"),
-                                           lungs=panel["lungs"][:n]))
+        out.append(
+            plots.before_after_grid(
+                pre_films[:n],
+                before["cams"][:n],
+                panel["cams"][:n],
+                stage / "cam_before_after.png",
+                panel["labels"][:n],
+                names=("cycle 0", f"cycle {k}"),
+                lungs=panel["lungs"][:n],
+            )
+        )
         samples = paths.stage(k, arch, "shards") / "samples.png"
         if samples.is_file():
             out.append(samples)
@@ -99,11 +131,17 @@ def write_cycle_report(runner: Runner, state: CycleState, tracking_note: str) ->
     measured = {key for cycles in state.results.values() for m in cycles for key in m}
     metrics = [key for key, _ in REPORT_METRICS if key in measured]
     curves = plots.cycle_curves(state.results, metrics, root / "cycle_curves.png")
-    lines = [f"# Cycle report: {runner.run_name}", "",
-             "Classification on the original films (test: same shortcut as train; test_cf: "
-             "shortcut reversed); localisation of the CAM on test, mean (95% bootstrap interval).",
-             "",
-             cycle_table(state.results), "", f"![per-cycle metrics]({curves.name})", ""]
+    lines = [
+        f"# Cycle report: {runner.run_name}",
+        "",
+        "Classification on the original films (test: same shortcut as train; test_cf: "
+        "shortcut reversed); localisation of the CAM on test, mean (95% bootstrap interval).",
+        "",
+        cycle_table(state.results),
+        "",
+        f"![per-cycle metrics]({curves.name})",
+        "",
+    ]
     for arch, why in state.stopped.items():
         lines.append(f"- {arch} stopped {why}")
     for arch, cycles in state.results.items():
@@ -122,19 +160,31 @@ def write_cycle_report(runner: Runner, state: CycleState, tracking_note: str) ->
 
 def evidence_table(table: dict) -> str:
     """One row per (arch, variant): baseline -> last cycle, and the change with its 95% interval."""
+
     def change(m: dict | None) -> str:
         if m is None:
             return "n/a"
-        return (f"{m['baseline']:.3f} → {m['last']:.3f} "
-                f"({m['change']:+.3f}, {m['low']:+.3f}…{m['high']:+.3f})")
+        return (
+            f"{m['baseline']:.3f} → {m['last']:.3f} "
+            f"({m['change']:+.3f}, {m['low']:+.3f}…{m['high']:+.3f})"
+        )
 
     def seeds(row: dict) -> int:
         return len(next(iter(row.values()))["seeds"] if row else [])
 
     return markdown_table(
         ["arch", "variant", "seeds", *(label for _, label in EVIDENCE_METRICS)],
-        ([arch, variant, seeds(row), *(change(row.get(metric)) for metric, _ in EVIDENCE_METRICS)]
-         for arch, variants in table.items() for variant, row in variants.items()))
+        (
+            [
+                arch,
+                variant,
+                seeds(row),
+                *(change(row.get(metric)) for metric, _ in EVIDENCE_METRICS),
+            ]
+            for arch, variants in table.items()
+            for variant, row in variants.items()
+        ),
+    )
 
 
 def write_evidence_report(cfg: Config, prefix: str, table: dict, seeds: list[int]) -> Path:
@@ -142,18 +192,27 @@ def write_evidence_report(cfg: Config, prefix: str, table: dict, seeds: list[int
     folder = Path(cfg.output_dir) / prefix
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "evidence.json", table)
-    settings = (f"Settings: {cfg.cycles.max} cycle(s) of {cfg.cycles.epochs} epoch(s) "
-                f"at lr {cfg.cycles.lr}, baseline {cfg.train.epochs} epochs, "
-                f"{cfg.data.image_size} px, strength {cfg.enhance.strength} (control: 0), "
-                f"seeds {seeds}.")
-    text = "\n".join([
-        f"# Evidence: {prefix}", "",
-        "Baseline (cycle 0) → last cycle on the original test films, mean over seeds; in "
-        "brackets the change and its 95% interval (paired two-level bootstrap: seeds, then "
-        "films). `control` is the same fine-tuning on the original films (enhancement strength "
-        "0).", "",
-        evidence_table(table), "", settings, "",
-    ])
+    settings = (
+        f"Settings: {cfg.cycles.max} cycle(s) of {cfg.cycles.epochs} epoch(s) "
+        f"at lr {cfg.cycles.lr}, baseline {cfg.train.epochs} epochs, "
+        f"{cfg.data.image_size} px, strength {cfg.enhance.strength} (control: 0), "
+        f"seeds {seeds}."
+    )
+    text = "\n".join(
+        [
+            f"# Evidence: {prefix}",
+            "",
+            "Baseline (cycle 0) → last cycle on the original test films, mean over seeds; in "
+            "brackets the change and its 95% interval (paired two-level bootstrap: seeds, then "
+            "films). `control` is the same fine-tuning on the original films (enhancement strength "
+            "0).",
+            "",
+            evidence_table(table),
+            "",
+            settings,
+            "",
+        ]
+    )
     return atomic_write_text(folder / "evidence.md", text)
 
 
@@ -166,8 +225,18 @@ def sweep_table(rows: list[dict], space: Mapping[str, Any], objective_name: str)
     keys = list(space)
     return markdown_table(
         ["rank", "trial", *keys, objective_name, "cycles", "status"],
-        ([rank, row["trial_id"], *(cell(row["values"][k]) for k in keys), f"{row['objective']:.4f}",
-          row["cycles"], row["status"]] for rank, row in enumerate(rows, 1)))
+        (
+            [
+                rank,
+                row["trial_id"],
+                *(cell(row["values"][k]) for k in keys),
+                f"{row['objective']:.4f}",
+                row["cycles"],
+                row["status"],
+            ]
+            for rank, row in enumerate(rows, 1)
+        ),
+    )
 
 
 @dataclass
@@ -181,24 +250,53 @@ class SweepReport:
     files: list[Path]
 
 
-def write_sweep_report(cfg: Config, name: str, rows: list[dict], space: Mapping[str, Any],
-                       sweep_dir: Path, best: Config, overrides: list[str]) -> SweepReport:
+def write_sweep_report(
+    cfg: Config,
+    name: str,
+    rows: list[dict],
+    space: Mapping[str, Any],
+    sweep_dir: Path,
+    best: Config,
+    overrides: list[str],
+) -> SweepReport:
     """best_config.yaml (`best`, the winner's config), summary.md, trials.json and the
     settings-vs-objective plot, in the sweep's folder; `rows` best first."""
     table = sweep_table(rows, space, cfg.sweep.objective)
     top = rows[0]
     flags = " ".join(f"--set {o}" for o in overrides)
-    heading = (f"# best trial {top['trial_id']} of sweep {name} "
-               f"({cfg.sweep.objective} {top['objective']:.4f})\n")
+    heading = (
+        f"# best trial {top['trial_id']} of sweep {name} "
+        f"({cfg.sweep.objective} {top['objective']:.4f})\n"
+    )
     config_file = atomic_write_text(sweep_dir / "best_config.yaml", heading + dump_yaml(best))
-    summary = atomic_write_text(sweep_dir / "summary.md", "\n".join([
-        f"# Sweep {name}", "", f"Objective: {cfg.sweep.objective} ({cfg.sweep.mode}), on val; "
-        "each trial's value at its last report (ASHA stops some after fewer cycles).", "",
-        table, "", "![settings vs objective](settings_vs_objective.png)", "",
-        f"Best settings: `{flags}`", ""]))
-    trials = atomic_write_json(sweep_dir / "trials.json",
-                               [{k: v for k, v in r.items() if k != "history"} for r in rows])
-    picture = plots.sweep_scatter(rows, list(space), cfg.sweep.objective,
-                                  sweep_dir / "settings_vs_objective.png")
-    return SweepReport(table, summary, config_file, flags,
-                       [summary, trials, picture, config_file, sweep_dir / "space.yaml"])
+    summary = atomic_write_text(
+        sweep_dir / "summary.md",
+        "\n".join(
+            [
+                f"# Sweep {name}",
+                "",
+                f"Objective: {cfg.sweep.objective} ({cfg.sweep.mode}), on val; "
+                "each trial's value at its last report (ASHA stops some after fewer cycles).",
+                "",
+                table,
+                "",
+                "![settings vs objective](settings_vs_objective.png)",
+                "",
+                f"Best settings: `{flags}`",
+                "",
+            ]
+        ),
+    )
+    trials = atomic_write_json(
+        sweep_dir / "trials.json", [{k: v for k, v in r.items() if k != "history"} for r in rows]
+    )
+    picture = plots.sweep_scatter(
+        rows, list(space), cfg.sweep.objective, sweep_dir / "settings_vs_objective.png"
+    )
+    return SweepReport(
+        table,
+        summary,
+        config_file,
+        flags,
+        [summary, trials, picture, config_file, sweep_dir / "space.yaml"],
+    )

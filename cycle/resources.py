@@ -21,14 +21,18 @@ class ShardPool:
 
     def describe(self) -> str:
         gpu = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
-        return (f"{self.actors} actor(s) x ({self.cpus_per_actor:g} CPU{gpu}), "
-                f"decode tasks {self.task_cpus:g} CPU")
+        return (
+            f"{self.actors} actor(s) x ({self.cpus_per_actor:g} CPU{gpu}), "
+            f"decode tasks {self.task_cpus:g} CPU"
+        )
 
 
 MAX_SHARD_ACTORS = 8  # past this, more threads per actor beat more copies of both models
 
 
-def plan_shard_pool(cluster: dict, gpus_per_actor: float = 0.0, wanted: int | None = None) -> ShardPool:
+def plan_shard_pool(
+    cluster: dict, gpus_per_actor: float = 0.0, wanted: int | None = None
+) -> ShardPool:
     """Size the EnhanceWorker pool so that actors never hold every CPU: one CPU (or half the
     cluster, when it has fewer than two) is left to the read and decode tasks. On GPUs, one actor
     per `gpus_per_actor` share of the GPUs. A cluster with no CPU yet (workers that scale from
@@ -53,7 +57,9 @@ def plan_shard_pool(cluster: dict, gpus_per_actor: float = 0.0, wanted: int | No
     return ShardPool(actors, per_actor, gpus_per_actor, 1.0, int(per_actor))
 
 
-def trainer_request(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, use_gpu: bool) -> dict:
+def trainer_request(
+    num_workers: int, cpus_per_worker: float, gpus_per_worker: float, use_gpu: bool
+) -> dict:
     """What one TorchTrainer's worker group holds while it runs."""
     request = {"CPU": num_workers * cpus_per_worker}
     if use_gpu:
@@ -62,18 +68,27 @@ def trainer_request(num_workers: int, cpus_per_worker: float, gpus_per_worker: f
 
 
 def format_resources(resources: dict) -> str:
-    shown = {k: v for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
+    shown = {
+        k: v
+        for k, v in sorted(resources.items())
+        if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")
+    }
     parts = []
     for name, value in shown.items():
         parts.append(f"{value / 2**30:.1f} GiB memory" if name == "memory" else f"{value:g} {name}")
     return ", ".join(parts) or "nothing"
 
 
-def waiting_message(what: str, waited_s: float, request: dict, cluster: dict, available: dict, remedy: str) -> str:
+def waiting_message(
+    what: str, waited_s: float, request: dict, cluster: dict, available: dict, remedy: str
+) -> str:
     """The error a stalled stage ends with: what it waits for, what the cluster has, what to do."""
-    return (f"{what} made no progress for {waited_s:.0f} s, waiting for resources.\n"
-            f"  it asks for:        {format_resources(request)}\n"
-            f"  the cluster has:    {format_resources(cluster)} in all, {format_resources(available)} free now\n"
-            f"  to go on: {remedy}\n"
-            f"  (resources.stall_timeout_s sets how long a stage may wait; a rerun with --resume keeps "
-            f"finished stages)")
+    return (
+        f"{what} made no progress for {waited_s:.0f} s, waiting for resources.\n"
+        f"  it asks for:        {format_resources(request)}\n"
+        f"  the cluster has:    {format_resources(cluster)} in all, "
+        f"{format_resources(available)} free now\n"
+        f"  to go on: {remedy}\n"
+        f"  (resources.stall_timeout_s sets how long a stage may wait; a rerun with --resume keeps "
+        f"finished stages)"
+    )

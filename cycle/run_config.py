@@ -29,7 +29,11 @@ class RunConfigMismatch(ConfigError):
 
 def _relevant(cfg: Config) -> dict[str, Any]:
     flat = flatten(cfg.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NEUTRAL_KEYS)}
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == n or k.startswith(n + ".") for n in NEUTRAL_KEYS)
+    }
 
 
 def result_hash(cfg: Config) -> str:
@@ -40,7 +44,11 @@ def result_hash(cfg: Config) -> str:
 def changed_keys(saved: Config, new: Config) -> list[str]:
     """`key: old -> new` for every result-relevant key that differs."""
     a, b = _relevant(saved), _relevant(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def saved_config(run_dir: str | Path) -> Config | None:
@@ -61,15 +69,23 @@ def check_run_config(run_dir: str | Path, cfg: Config) -> None:
         return
     changes = changed_keys(saved, cfg)
     if changes:
-        shown = "\n  ".join(changes[:20]) + (f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else "")
+        shown = "\n  ".join(changes[:20]) + (
+            f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
+        )
         raise RunConfigMismatch(
             f"run {run_dir.name} ({run_dir}) was made with another config; changed:\n  {shown}\n"
-            f"resume it as it was with `--resume {run_dir.name}` and no --config/--set (its config.yaml is used), "
-            f"or start a new run with another --run-name")
+            f"resume it as it was with `--resume {run_dir.name}` "
+            "and no --config/--set (its config.yaml is used), "
+            f"or start a new run with another --run-name"
+        )
 
 
 def record_run_config(run_dir: str | Path, cfg: Config) -> None:
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / SAVED_CONFIG, dump_yaml(cfg))
-    info = {"config_hash": result_hash(cfg), "neutral_keys": list(NEUTRAL_KEYS), "written": time.time()}
+    info = {
+        "config_hash": result_hash(cfg),
+        "neutral_keys": list(NEUTRAL_KEYS),
+        "written": time.time(),
+    }
     atomic_write_json(run_dir / RUN_INFO, info)

@@ -95,14 +95,16 @@ def arch_config(cfg: Config, arch: str, k: int, previous: Path | None) -> Config
     """The config of one (cycle, architecture) training stage: fine-tuning after the baseline."""
     if k == 0:
         return cfg.with_overrides({"model.arch": arch})
-    return cfg.with_overrides({
-        "model.arch": arch,
-        "model.weights_path": str(previous),
-        "model.pretrained": False,
-        "train.epochs": cfg.cycles.epochs,
-        "train.lr": cfg.cycles.lr,
-        "seed": cfg.seed + k,  # a fresh shuffle per cycle, still fixed by the seed
-    })
+    return cfg.with_overrides(
+        {
+            "model.arch": arch,
+            "model.weights_path": str(previous),
+            "model.pretrained": False,
+            "train.epochs": cfg.cycles.epochs,
+            "train.lr": cfg.cycles.lr,
+            "seed": cfg.seed + k,  # a fresh shuffle per cycle, still fixed by the seed
+        }
+    )
 
 
 def should_stop(history: list[dict], epsilon: float, delta: float) -> str | None:
@@ -124,8 +126,17 @@ class Runner:
     there); `inprocess_shards` builds shards in this process instead of with Ray Data (inside a
     Tune trial, where Data tasks would wait for CPUs the trials hold)."""
 
-    def __init__(self, cfg: Config, run_name: str, tracker=None, on_cycle=None, inprocess_shards: bool = False):
-        cfg = cfg.with_absolute_paths()  # workers run in folders of their own: no relative path survives
+    def __init__(
+        self,
+        cfg: Config,
+        run_name: str,
+        tracker=None,
+        on_cycle=None,
+        inprocess_shards: bool = False,
+    ):
+        cfg = (
+            cfg.with_absolute_paths()
+        )  # workers run in folders of their own: no relative path survives
         self.cfg = cfg
         self.paths = RunPaths(Path(cfg.output_dir) / run_name)
         self.run_name = run_name
@@ -136,7 +147,9 @@ class Runner:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         record_run_config(self.paths.root, cfg)
         if cfg.resources.num_workers > 0 or not inprocess_shards:
-            init_ray(cfg)  # else nothing here needs Ray: a single GPU box without it runs the cycle too
+            init_ray(
+                cfg
+            )  # else nothing here needs Ray: a single GPU box without it runs the cycle too
 
     def claim(self):
         return claim_run(self.paths.root)
@@ -150,7 +163,10 @@ class Runner:
             try:
                 ScanResult.load(records_path)
             except Exception as err:  # truncated or damaged: scan again (verdicts are cached)
-                log(f"[resume] {records_path} is unreadable ({type(err).__name__}: {err}); scanning the data again")
+                log(
+                    f"[resume] {records_path} is unreadable ({type(err).__name__}: {err}); "
+                    "scanning the data again"
+                )
                 records_path.unlink()
         if not records_path.is_file():
             prepare_records(self.cfg, verbose=True).save(records_path)
@@ -161,19 +177,30 @@ class Runner:
         pending = [a for a in archs if not self.paths.done(self.paths.stage(k, a, "train"))]
         if not pending:
             return
-        how = "side by side" if self.cfg.resources.num_workers > 0 else "in this process, one after another"
+        how = (
+            "side by side"
+            if self.cfg.resources.num_workers > 0
+            else "in this process, one after another"
+        )
         log(f"[cycle {k}] training {', '.join(pending)} {how}")
 
         def fit(arch: str) -> str:
             stage = self.paths.stage(k, arch, "train")
             previous = self.paths.stage(k - 1, arch, "train") / "best.pt" if k else None
             cfg = arch_config(self.cfg, arch, k, previous)
-            run_training(cfg, records, stage, name=f"{self.run_name}-c{k}-{arch}", train_shards=shards.get(arch),
-                         threads=max(1, int(self.cfg.resources.cpus_per_worker)))
+            run_training(
+                cfg,
+                records,
+                stage,
+                name=f"{self.run_name}-c{k}-{arch}",
+                train_shards=shards.get(arch),
+                threads=max(1, int(self.cfg.resources.cpus_per_worker)),
+            )
             self.paths.mark_done(stage)
             return arch
 
-        # In-process training (num_workers=0) runs one at a time: torch's global seed and threads are shared.
+        # In-process training (num_workers=0) runs one at a time: torch's global seed and threads
+        # are shared.
         side_by_side = len(pending) if self.cfg.resources.num_workers > 0 else 1
         with ThreadPoolExecutor(max_workers=side_by_side) as pool:
             for arch in pool.map(fit, pending):
@@ -186,8 +213,15 @@ class Runner:
             cfg = arch_config(self.cfg, arch, k, previous)
             train = records_of(scan.records, "train")
             # val too: the fine-tune is selected on val films enhanced the same way (see train_func)
-            build_shards(cfg, train + records_of(scan.records, "val"), previous, lung_model, stage / "data",
-                         log=log, inprocess=self.inprocess_shards)
+            build_shards(
+                cfg,
+                train + records_of(scan.records, "val"),
+                previous,
+                lung_model,
+                stage / "data",
+                log=log,
+                inprocess=self.inprocess_shards,
+            )
             worker = EnhanceWorker.from_config(str(previous), str(lung_model), cfg)
             sample_picture(cfg, train, worker, stage / "samples.png")
             self.paths.mark_done(stage)
@@ -200,14 +234,28 @@ class Runner:
         train_dir = self.paths.stage(k, arch, "train")
         metrics = json.loads((train_dir / "metrics.json").read_text())["flat"]
         test = records_of(scan.records, "test")
-        metrics.update(evaluate_localization(
-            train_dir / "best.pt", test, self.cfg.cam.method, lung_model,
-            panel=panel_records(test, self.cfg.seed), out_npz=stage / "panel.npz", seed=self.cfg.seed,
-            per_image_npz=stage / "per_image.npz", cam_depth=self.cfg.cam.depth,
-        ))
+        metrics.update(
+            evaluate_localization(
+                train_dir / "best.pt",
+                test,
+                self.cfg.cam.method,
+                lung_model,
+                panel=panel_records(test, self.cfg.seed),
+                out_npz=stage / "panel.npz",
+                seed=self.cfg.seed,
+                per_image_npz=stage / "per_image.npz",
+                cam_depth=self.cfg.cam.depth,
+            )
+        )
         # The same on val: what the stop rule and sweeps decide on (test only reports).
-        val = evaluate_localization(train_dir / "best.pt", records_of(scan.records, "val"), self.cfg.cam.method,
-                                    lung_model, seed=self.cfg.seed, cam_depth=self.cfg.cam.depth)
+        val = evaluate_localization(
+            train_dir / "best.pt",
+            records_of(scan.records, "val"),
+            self.cfg.cam.method,
+            lung_model,
+            seed=self.cfg.seed,
+            cam_depth=self.cfg.cam.depth,
+        )
         metrics.update({f"val_{key}": value for key, value in val.items() if "_ci_" not in key})
         faults.reached("evaluate")
         atomic_write_json(stage / "metrics.json", metrics)
@@ -234,12 +282,16 @@ class Runner:
                 self.track(k, arch, metrics, shards.get(arch))
                 if self.on_cycle is not None:
                     self.on_cycle(k, arch, metrics)
-                why = should_stop(state.results[arch], self.cfg.cycles.stop_epsilon, self.cfg.cycles.stop_delta)
+                why = should_stop(
+                    state.results[arch], self.cfg.cycles.stop_epsilon, self.cfg.cycles.stop_delta
+                )
                 if why and k < self.cfg.cycles.max:
                     state.stopped[arch] = f"after cycle {k}: {why}"
                     log(f"[cycle {k}] {arch} stops: {why}")
             log(f"[cycle {k}] done in {time.perf_counter() - started:.0f}s")
-        atomic_write_json(self.paths.root / "results.json", {"results": state.results, "stopped": state.stopped})
+        atomic_write_json(
+            self.paths.root / "results.json", {"results": state.results, "stopped": state.stopped}
+        )
         return state
 
     # -- tracking ----------------------------------------------------------------------------------

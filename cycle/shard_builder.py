@@ -46,7 +46,9 @@ from cycle.resources import plan_shard_pool, waiting_message
 from cycle.watchdog import Watchdog
 
 
-def decode_batch(batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: int, with_context: bool = False) -> dict:
+def decode_batch(
+    batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: int, with_context: bool = False
+) -> dict:
     """bytes + path -> films resized to R x R (uint8) with label, split, patient, status, reason;
     `with_context`: also each film's context donor (read here: the donor is fixed per film by the
     seed, not by which batch Ray Data happens to form, so a build is reproducible)."""
@@ -70,7 +72,11 @@ def decode_batch(batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: 
             continue
         donor = meta[i][3] if with_context else ""
         try:
-            context[i] = pre.resize(decode_grayscale(Path(donor).read_bytes(), max_pixels)) if donor else films[i]
+            context[i] = (
+                pre.resize(decode_grayscale(Path(donor).read_bytes(), max_pixels))
+                if donor
+                else films[i]
+            )
         except (OSError, ImageLoadError):
             context[i], donor = films[i], ""  # an unreadable donor: the film keeps its own context
         donors.append(donor)
@@ -90,8 +96,15 @@ def decode_batch(batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: 
 class EnhanceWorker:
     """Holds the classifier and the lung U-Net; turns decoded batches into shard rows."""
 
-    def __init__(self, classifier_path: str | Path, lung_model_path: str | Path, enhance: EnhanceConfig,
-                 cam: CamConfig, seed: int, threads: int | None = None):
+    def __init__(
+        self,
+        classifier_path: str | Path,
+        lung_model_path: str | Path,
+        enhance: EnhanceConfig,
+        cam: CamConfig,
+        seed: int,
+        threads: int | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,16 +113,28 @@ class EnhanceWorker:
         self.enhance_cfg, self.cam_cfg, self.seed = enhance, cam, seed
 
     @classmethod
-    def from_config(cls, classifier_path: str | Path, lung_model_path: str | Path, cfg: Config,
-                    threads: int | None = None) -> EnhanceWorker:
+    def from_config(
+        cls,
+        classifier_path: str | Path,
+        lung_model_path: str | Path,
+        cfg: Config,
+        threads: int | None = None,
+    ) -> EnhanceWorker:
         return cls(classifier_path, lung_model_path, cfg.enhance, cfg.cam, cfg.seed, threads)
 
     def maps(self, films: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """R x R films -> (CAMs on the R x R canvas, zero outside the crop; lung masks; P(PNEUMONIA))."""
+        """R x R films -> (CAMs on the R x R canvas, zero outside the crop; lung masks;
+        P(PNEUMONIA))."""
         x = torch.stack([self.pre.normalise(self.pre.crop(f)) for f in films]).to(self.device)
         # Fixed-size batches: a film's CAM and mask must not depend on how Ray Data batched it.
-        cams, logits = compute_cam(self.model, x, method=self.cam_cfg.method, return_logits=True,
-                                   depth=self.cam_cfg.depth, batch_size=self.cam_cfg.batch_size)
+        cams, logits = compute_cam(
+            self.model,
+            x,
+            method=self.cam_cfg.method,
+            return_logits=True,
+            depth=self.cam_cfg.depth,
+            batch_size=self.cam_cfg.batch_size,
+        )
         r, s = self.pre.resize_to, self.pre.size
         off = (r - s) // 2
         canvas = np.zeros((len(films), r, r), np.float32)
@@ -124,20 +149,40 @@ class EnhanceWorker:
         cams, lungs, probs = self.maps(films)
         e = self.enhance_cfg
         rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["path"][idx[0]]).encode())])
-        context = batch["context"][idx].astype(np.float32) / 255.0 if e.mode == "context_swap" else None
-        result = enhance_batch(films.astype(np.float32) / 255.0, cams, lungs, e.mode, e.strength,
-                               e.trust_threshold, e.fallback, rng, e.dilate_px, context=context)
+        context = (
+            batch["context"][idx].astype(np.float32) / 255.0 if e.mode == "context_swap" else None
+        )
+        result = enhance_batch(
+            films.astype(np.float32) / 255.0,
+            cams,
+            lungs,
+            e.mode,
+            e.strength,
+            e.trust_threshold,
+            e.fallback,
+            rng,
+            e.dilate_px,
+            context=context,
+        )
         return cams, probs, result
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
         ok = np.array([s == OK for s in batch["status"]], bool)
         out = {k: batch[k] for k in ("path", "label", "split", "patient")}
-        status, reason = np.array(batch["status"], dtype=object), np.array(batch["reason"], dtype=object)
+        status, reason = (
+            np.array(batch["status"], dtype=object),
+            np.array(batch["reason"], dtype=object),
+        )
         images = np.array([b""] * n, dtype=object)
         zeros = np.zeros(n, np.float64)
-        stats = {"prob_pneumonia": zeros.copy(), "cam_mean": zeros.copy(), "lung_share": np.full(n, np.nan),
-                 "cam_peak_y": np.zeros(n, np.int64), "cam_peak_x": np.zeros(n, np.int64)}
+        stats = {
+            "prob_pneumonia": zeros.copy(),
+            "cam_mean": zeros.copy(),
+            "lung_share": np.full(n, np.nan),
+            "cam_peak_y": np.zeros(n, np.int64),
+            "cam_peak_x": np.zeros(n, np.int64),
+        }
         trusted, donors = np.zeros(n, bool), np.array(batch["donor"], dtype=object)
         if ok.any():
             idx = np.flatnonzero(ok)
@@ -154,14 +199,25 @@ class EnhanceWorker:
                     continue
                 png = cv2.imencode(".png", np.round(result.images[k] * 255).astype(np.uint8))[1]
                 images[i] = png.tobytes()
-        return {"image": images, **out, **stats, "trusted": trusted, "donor": donors,
-                "status": status, "reason": reason}
+        return {
+            "image": images,
+            **out,
+            **stats,
+            "trusted": trusted,
+            "donor": donors,
+            "status": status,
+            "reason": reason,
+        }
 
 
 def decode_arguments(cfg: Config, lookup: dict) -> dict:
     """decode_batch's arguments, the same for Ray Data and the in-process path."""
-    return {"lookup": lookup, "preprocess": preprocess_from_config(cfg.data),
-            "max_pixels": cfg.data.max_image_pixels, "with_context": cfg.enhance.mode == "context_swap"}
+    return {
+        "lookup": lookup,
+        "preprocess": preprocess_from_config(cfg.data),
+        "max_pixels": cfg.data.max_image_pixels,
+        "with_context": cfg.enhance.mode == "context_swap",
+    }
 
 
 def _inputs(records: Sequence[Record], seed: int) -> tuple[list[str], dict]:
@@ -186,7 +242,9 @@ def build_key(cfg: Config, records: Sequence[Record], classifier_path, lung_mode
         "config": config_hash(cfg, "data", "cam", "enhance", "seed"),
         "classifier": file_sha256(classifier_path),
         "lung_model": file_sha256(lung_model_path),
-        "inputs": hashlib.sha256("\n".join(sorted(f"{r.split}:{r.path}" for r in records)).encode()).hexdigest(),
+        "inputs": hashlib.sha256(
+            "\n".join(sorted(f"{r.split}:{r.path}" for r in records)).encode()
+        ).hexdigest(),
         "donors": "within-split",
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -210,7 +268,9 @@ def build_shards(
     `inprocess`: the same rows written by this process, without Ray Data (inside a Tune trial,
     where Data tasks would wait for CPUs the trials hold)."""
     # Absolute: Ray's workers need not share the driver's working folder.
-    out_dir, classifier_path, lung_model_path = (Path(p).resolve() for p in (out_dir, classifier_path, lung_model_path))
+    out_dir, classifier_path, lung_model_path = (
+        Path(p).resolve() for p in (out_dir, classifier_path, lung_model_path)
+    )
     key = build_key(cfg, records, classifier_path, lung_model_path)
     if (out_dir / MANIFEST).is_file():
         try:
@@ -228,26 +288,65 @@ def build_shards(
     paths, lookup = _inputs(records, cfg.seed)
     batch_size = batch_size or cfg.cam.batch_size
     how = "in this process" if inprocess else "Ray Data"
-    log(f"[shards] {len(paths):,} films -> {out_dir} ({cfg.enhance.mode}, strength {cfg.enhance.strength}, {how})")
+    log(
+        f"[shards] {len(paths):,} films -> {out_dir} ({cfg.enhance.mode}, "
+        f"strength {cfg.enhance.strength}, {how})"
+    )
     if inprocess:
-        _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp, batch_size, threads_per_actor)
+        _write_inprocess(
+            cfg, records, classifier_path, lung_model_path, tmp, batch_size, threads_per_actor
+        )
     else:
-        _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp, batch_size, num_actors,
-                             gpus_per_actor, threads_per_actor, log)
-    manifest = write_manifest(tmp, key, len(paths), extra={
-        "mode": cfg.enhance.mode, "strength": cfg.enhance.strength, "trust_threshold": cfg.enhance.trust_threshold,
-        "fallback": cfg.enhance.fallback, "classifier": str(classifier_path), "lung_model": str(lung_model_path),
-        "image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction,
-    })
+        _write_with_ray_data(
+            cfg,
+            paths,
+            lookup,
+            classifier_path,
+            lung_model_path,
+            tmp,
+            batch_size,
+            num_actors,
+            gpus_per_actor,
+            threads_per_actor,
+            log,
+        )
+    manifest = write_manifest(
+        tmp,
+        key,
+        len(paths),
+        extra={
+            "mode": cfg.enhance.mode,
+            "strength": cfg.enhance.strength,
+            "trust_threshold": cfg.enhance.trust_threshold,
+            "fallback": cfg.enhance.fallback,
+            "classifier": str(classifier_path),
+            "lung_model": str(lung_model_path),
+            "image_size": cfg.data.image_size,
+            "crop_fraction": cfg.data.crop_fraction,
+        },
+    )
     publish(tmp, out_dir)
     c = manifest["counts"]
-    log(f"[shards] wrote {c['written']:,} of {c['in']:,} films ({c['skipped']:,} skipped, "
-        f"{c['untrusted_written']:,} with an untrusted CAM) in {len(manifest['shards'])} shard(s)")
+    log(
+        f"[shards] wrote {c['written']:,} of {c['in']:,} films ({c['skipped']:,} skipped, "
+        f"{c['untrusted_written']:,} with an untrusted CAM) in {len(manifest['shards'])} shard(s)"
+    )
     return manifest
 
 
-def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, tmp: Path, batch_size: int,
-                         wanted_actors: int | None, gpus_per_actor: float, threads: int | None, log) -> None:
+def _write_with_ray_data(
+    cfg,
+    paths,
+    lookup,
+    classifier_path,
+    lung_model_path,
+    tmp: Path,
+    batch_size: int,
+    wanted_actors: int | None,
+    gpus_per_actor: float,
+    threads: int | None,
+    log,
+) -> None:
     """Decode tasks -> EnhanceWorker actors, sized from the cluster; this driver writes each
     output batch as it arrives (progress shown, a stall named and ended by the watchdog)."""
     import ray
@@ -256,8 +355,13 @@ def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, t
     pool = plan_shard_pool(ray.cluster_resources(), gpus_per_actor, wanted_actors)
     log(f"[shards] Ray Data: {pool.describe()}")
     ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=pool.task_cpus)
-    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=pool.task_cpus,
-                        fn_kwargs=decode_arguments(cfg, lookup))
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=pool.task_cpus,
+        fn_kwargs=decode_arguments(cfg, lookup),
+    )
     ds = ds.map_batches(
         EnhanceWorker,
         batch_size=batch_size,
@@ -265,18 +369,31 @@ def _write_with_ray_data(cfg, paths, lookup, classifier_path, lung_model_path, t
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
         num_gpus=pool.gpus_per_actor,
         num_cpus=pool.cpus_per_actor,
-        fn_constructor_kwargs={"classifier_path": str(classifier_path), "lung_model_path": str(lung_model_path),
-                               "enhance": cfg.enhance, "cam": cfg.cam, "seed": cfg.seed,
-                               "threads": threads or pool.threads_per_actor},
+        fn_constructor_kwargs={
+            "classifier_path": str(classifier_path),
+            "lung_model_path": str(lung_model_path),
+            "enhance": cfg.enhance,
+            "cam": cfg.cam,
+            "seed": cfg.seed,
+            "threads": threads or pool.threads_per_actor,
+        },
     )
-    request = {"CPU": pool.actors * pool.cpus_per_actor + pool.task_cpus, "GPU": pool.actors * pool.gpus_per_actor}
+    request = {
+        "CPU": pool.actors * pool.cpus_per_actor + pool.task_cpus,
+        "GPU": pool.actors * pool.gpus_per_actor,
+    }
 
     def describe(waited: float) -> str:
         return waiting_message(
-            f"the shard build ({len(paths):,} films -> {tmp.name})", waited, request, ray.cluster_resources(),
+            f"the shard build ({len(paths):,} films -> {tmp.name})",
+            waited,
+            request,
+            ray.cluster_resources(),
             ray.available_resources(),
-            "give the cluster more CPUs (`ray start --head --num-cpus N`, or worker nodes), free the ones "
-            "other jobs hold, or build in this process (--inprocess-shards)")
+            "give the cluster more CPUs (`ray start --head --num-cpus N`, "
+            "or worker nodes), free the ones "
+            "other jobs hold, or build in this process (--inprocess-shards)",
+        )
 
     tmp.mkdir(parents=True, exist_ok=True)
     done, last_shown = 0, 0.0
@@ -298,8 +415,9 @@ def _write_part(tmp: Path, index: int, batch: dict) -> None:
     faults.reached("shards:part")
 
 
-def _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp: Path, batch_size: int,
-                     threads: int | None) -> None:
+def _write_inprocess(
+    cfg, records, classifier_path, lung_model_path, tmp: Path, batch_size: int, threads: int | None
+) -> None:
     worker = EnhanceWorker.from_config(classifier_path, lung_model_path, cfg, threads=threads)
     tmp.mkdir(parents=True, exist_ok=True)
     for i, batch in enumerate(iter_enhanced(cfg, records, worker, batch_size)):
@@ -308,10 +426,14 @@ def _write_inprocess(cfg, records, classifier_path, lung_model_path, tmp: Path, 
 
 def _read_and_decode(paths: Sequence[str], arguments: dict) -> dict:
     """What read_binary_files + decode_batch do in Ray Data, in this process."""
-    return decode_batch({"bytes": [Path(p).read_bytes() for p in paths], "path": list(paths)}, **arguments)
+    return decode_batch(
+        {"bytes": [Path(p).read_bytes() for p in paths], "path": list(paths)}, **arguments
+    )
 
 
-def iter_enhanced(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32):
+def iter_enhanced(
+    cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32
+):
     """The same pipeline batched in this process (no Ray): output batches, one at a time."""
     paths, lookup = _inputs(records, cfg.seed)
     arguments = decode_arguments(cfg, lookup)
@@ -320,12 +442,15 @@ def iter_enhanced(cfg: Config, records: Sequence[Record], worker: EnhanceWorker,
         yield worker(_read_and_decode(chunk, arguments))
 
 
-def enhance_inprocess(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32) -> list[dict]:
+def enhance_inprocess(
+    cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32
+) -> list[dict]:
     return list(iter_enhanced(cfg, records, worker, batch_size))
 
 
-def sample_picture(cfg: Config, records: Sequence[Record], worker: EnhanceWorker, path: str | Path,
-                   n: int = 49) -> Path | None:
+def sample_picture(
+    cfg: Config, records: Sequence[Record], worker: EnhanceWorker, path: str | Path, n: int = 49
+) -> Path | None:
     """The first n readable films of the build's order: (film, CAM, enhanced film) triplets,
     decoded and enhanced exactly as the shard rows are; None when none of them is readable."""
     from cycle.plots import enhanced_grid

@@ -48,8 +48,10 @@ def read_space(path: str | Path) -> dict[str, dict[str, list]]:
     except yaml.YAMLError as err:
         raise ConfigError(f"search space {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"search space {path} must map config keys to samplers, e.g. "
-                          "'enhance.strength: {uniform: [0.5, 1.0]}'")
+        raise ConfigError(
+            f"search space {path} must map config keys to samplers, e.g. "
+            "'enhance.strength: {uniform: [0.5, 1.0]}'"
+        )
     return {str(k): v for k, v in raw.items()}
 
 
@@ -65,12 +67,16 @@ def validate_space(space: Mapping[str, Any], base: Config, source: str = "space"
             problems.append(f"{key}: {kind} needs a non-empty list, got {args!r}")
             continue
         if kind in ("uniform", "loguniform", "randint"):
-            if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            if len(args) != 2 or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
+            ):
                 problems.append(f"{key}: {kind} needs [low, high] numbers, got {args!r}")
                 continue
             low, high = args
             if not low < high or (kind == "loguniform" and low <= 0):
-                problems.append(f"{key}: {kind} needs 0 < low < high (low > 0 for loguniform), got {args!r}")
+                problems.append(
+                    f"{key}: {kind} needs 0 < low < high (low > 0 for loguniform), got {args!r}"
+                )
                 continue
             probes = [int(low), int(high) - 1] if kind == "randint" else [float(low), float(high)]
         else:
@@ -92,8 +98,13 @@ def apply_values(base: Config, values: Mapping[str, Any]) -> Config:
 def tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
     from ray import tune
 
-    samplers = {"grid_search": tune.grid_search, "choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
-                "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    samplers = {
+        "grid_search": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+    }
     return {key: samplers[kind](args) for key, spec in space.items() for kind, args in spec.items()}
 
 
@@ -108,16 +119,20 @@ def objective(metrics: Mapping[str, Any], cfg: Config) -> float:
         share = metrics.get("val_lung_energy_share", math.nan)
         return float(metrics["val_accuracy"] + cfg.sweep.lung_weight * share)
     if name not in metrics:
-        raise KeyError(f"sweep.objective {name!r} is not among the logged metrics "
-                       f"({', '.join(sorted(k for k in metrics if k.startswith('val_')))})")
+        raise KeyError(
+            f"sweep.objective {name!r} is not among the logged metrics "
+            f"({', '.join(sorted(k for k in metrics if k.startswith('val_')))})"
+        )
     return float(metrics[name])
 
 
 def check_objective(cfg: Config) -> None:
     name = cfg.sweep.objective
     if name != "val_accuracy+lung" and not name.startswith("val_"):
-        raise ConfigError(f"sweep.objective {name!r}: use 'val_accuracy+lung' or a val_ metric "
-                          "(e.g. val_accuracy, val_lung_energy_share); settings are never chosen on test")
+        raise ConfigError(
+            f"sweep.objective {name!r}: use 'val_accuracy+lung' or a val_ metric "
+            "(e.g. val_accuracy, val_lung_energy_share); settings are never chosen on test"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,13 +143,15 @@ def trial_config(base: Config, values: Mapping[str, Any], output_dir: str) -> Co
     """A trial's config: the base with the trial's values; trains in the trial's own process
     (Tune gave it its CPU or GPU), one architecture, no tracking from the worker."""
     cfg = apply_values(base, values)
-    return cfg.with_overrides({
-        "cycles.archs": [cfg.model.arch],
-        "resources.num_workers": 0,
-        "tracking.enabled": False,
-        "output_dir": output_dir,
-        "data.phantom.out_dir": str(base.phantom_dir().resolve()),
-    })
+    return cfg.with_overrides(
+        {
+            "cycles.archs": [cfg.model.arch],
+            "resources.num_workers": 0,
+            "tracking.enabled": False,
+            "output_dir": output_dir,
+            "data.phantom.out_dir": str(base.phantom_dir().resolve()),
+        }
+    )
 
 
 def run_trial(params: dict) -> None:
@@ -143,7 +160,9 @@ def run_trial(params: dict) -> None:
     from ray import tune
 
     base = Config.model_validate(params["base"])
-    values = {k: v for k, v in params.items() if k not in ("base", "sweep_dir", "records", "lung_model")}
+    values = {
+        k: v for k, v in params.items() if k not in ("base", "sweep_dir", "records", "lung_model")
+    }
     trial_id = tune.get_context().get_trial_id()
     base = base.with_overrides({"lungseg.weights": params["lung_model"]})
     cfg = trial_config(base, values, str(Path(params["sweep_dir"]) / "trials"))
@@ -153,8 +172,13 @@ def run_trial(params: dict) -> None:
         shutil.copy2(params["records"], root / "records.json")  # scanned once by the driver
 
     def report(k: int, arch: str, metrics: dict) -> None:
-        numbers = {key: float(v) for key, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not key.endswith(("_ci_low", "_ci_high"))}
+        numbers = {
+            key: float(v)
+            for key, v in metrics.items()
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and not key.endswith(("_ci_low", "_ci_high"))
+        }
         tune.report({"objective": objective(metrics, cfg), "cycle": k, **numbers})
 
     Runner(cfg, trial_id, on_cycle=report, inprocess_shards=True).run()
@@ -173,7 +197,9 @@ def concurrency(cfg: Config) -> int:
 def trial_resources(cfg: Config) -> dict:
     import ray
 
-    gpu = 1 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.resources.use_gpu is not False else 0
+    gpu = (
+        1 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.resources.use_gpu is not False else 0
+    )
     return {"cpu": cfg.sweep.cpus_per_trial, "gpu": gpu}
 
 
@@ -189,15 +215,19 @@ def trial_rows(results, space: Mapping[str, Any], max_t: int) -> list[dict]:
         history = result.metrics_dataframe
         reports = 0 if history is None else len(history)
         status = "error" if result.error else ("stopped early" if reports < max_t else "finished")
-        rows.append({
-            "trial_id": metrics.get("trial_id") or Path(result.path).name,
-            "values": {k: result.config.get(k) for k in space},
-            "objective": float(metrics.get("objective", np.nan)),
-            "cycles": reports,
-            "status": status,
-            "history": [] if history is None else history.to_dict("records"),
-        })
-    return sorted(rows, key=lambda r: (-np.inf if np.isnan(r["objective"]) else r["objective"]), reverse=True)
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or Path(result.path).name,
+                "values": {k: result.config.get(k) for k in space},
+                "objective": float(metrics.get("objective", np.nan)),
+                "cycles": reports,
+                "status": status,
+                "history": [] if history is None else history.to_dict("records"),
+            }
+        )
+    return sorted(
+        rows, key=lambda r: -np.inf if np.isnan(r["objective"]) else r["objective"], reverse=True
+    )
 
 
 def best_overrides(row: dict) -> list[str]:
@@ -232,23 +262,41 @@ def run_sweep(cfg: Config, space: Mapping[str, Any], name: str, resume: bool = F
 
     max_t = cfg.cycles.max + 1
     trainable = tune.with_resources(run_trial, trial_resources(cfg))
-    storage = str(Path(cfg.storage_path()).resolve()) if "://" not in cfg.storage_path() else cfg.storage_path()
+    storage = (
+        str(Path(cfg.storage_path()).resolve())
+        if "://" not in cfg.storage_path()
+        else cfg.storage_path()
+    )
     experiment = f"{storage.rstrip('/')}/sweep-{name}"
     if resume and tune.Tuner.can_restore(experiment):
         log(f"[sweep] resuming {experiment}: finished trials are kept, unfinished ones continue")
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
-        param_space = {**tune_space(space), "base": cfg.model_dump(mode="json"), "sweep_dir": str(sweep_dir),
-                       "records": str(records), "lung_model": str(Path(lung_model).resolve())}
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                  grace_period=min(cfg.sweep.grace_period, max_t),
-                                  reduction_factor=cfg.sweep.reduction_factor)
+        param_space = {
+            **tune_space(space),
+            "base": cfg.model_dump(mode="json"),
+            "sweep_dir": str(sweep_dir),
+            "records": str(records),
+            "lung_model": str(Path(lung_model).resolve()),
+        }
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_t,
+            grace_period=min(cfg.sweep.grace_period, max_t),
+            reduction_factor=cfg.sweep.reduction_factor,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(metric="objective", mode=cfg.sweep.mode, scheduler=scheduler,
-                                        num_samples=cfg.sweep.num_samples,
-                                        max_concurrent_trials=concurrency(cfg)),
+            tune_config=tune.TuneConfig(
+                metric="objective",
+                mode=cfg.sweep.mode,
+                scheduler=scheduler,
+                num_samples=cfg.sweep.num_samples,
+                max_concurrent_trials=concurrency(cfg),
+            ),
             run_config=tune.RunConfig(name=f"sweep-{name}", storage_path=storage, verbose=1),
         )
     results = tuner.fit()
@@ -258,7 +306,7 @@ def run_sweep(cfg: Config, space: Mapping[str, Any], name: str, resume: bool = F
 def trial_model(sweep_dir: Path, row: dict) -> Path | None:
     """The model a trial made: its last cycle's best.pt (None when it finished no training)."""
     root = sweep_dir / "trials" / row["trial_id"]
-    cycles = sorted(root.glob("cycle_*/*/train/best.pt"),
-                    key=lambda p: int(p.parts[-4].split("_")[1]))
+    cycles = sorted(
+        root.glob("cycle_*/*/train/best.pt"), key=lambda p: int(p.parts[-4].split("_")[1])
+    )
     return cycles[-1] if cycles else None
-

@@ -77,8 +77,14 @@ class Tracker:
 
     lost: str | None = None  # shared by every Tracker of the process
 
-    def __init__(self, cfg: Config, run_name: str, nested: bool = False, tags: Mapping[str, str] | None = None,
-                 run_id: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_name: str,
+        nested: bool = False,
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+    ):
         """`run_id`: reopen that run (a resumed job keeps its MLflow run)."""
         self.cfg = cfg
         self.resume_id = run_id
@@ -136,9 +142,11 @@ class Tracker:
 
     def _lose(self, err: Exception, what: str) -> None:
         Tracker.lost = f"could not {what} ({type(err).__name__}: {str(err)[:200]})"
-        log(f"warning: MLflow at {tracking_store(self.cfg)} stopped answering: {Tracker.lost}. "
+        log(
+            f"warning: MLflow at {tracking_store(self.cfg)} stopped answering: {Tracker.lost}. "
             "The job goes on; what it could not log stays beside the run and is logged by "
-            "--resume.")
+            "--resume."
+        )
 
     @property
     def run_id(self) -> str | None:
@@ -159,14 +167,21 @@ class Tracker:
 
         items = sorted(params.items())
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
-            self._guard("log params", lambda chunk=dict(items[start : start + 100]): mlflow.log_params(chunk))
+            self._guard(
+                "log params",
+                lambda chunk=dict(items[start : start + 100]): mlflow.log_params(chunk),
+            )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.active:
             return
         import mlflow
 
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+        clean = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not math.isnan(v)
+        }
         if clean:
             self._guard("log metrics", lambda: mlflow.log_metrics(clean, step=step))
 
@@ -174,7 +189,10 @@ class Tracker:
         if self.active and Path(path).exists():
             import mlflow
 
-            self._guard("log an artifact", lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
+            self._guard(
+                "log an artifact",
+                lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path),
+            )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.active:
@@ -182,16 +200,27 @@ class Tracker:
 
             self._guard("set tags", lambda: mlflow.set_tags(dict(tags)))
 
-    def log_model(self, model, input_example, name: str = "model", registered_model_name: str | None = None):
+    def log_model(
+        self, model, input_example, name: str = "model", registered_model_name: str | None = None
+    ):
         """MLflow 3 saves PyTorch models as exported graphs (pt2), traced on `input_example`."""
         if not self.active:
             return None
         import mlflow.pytorch
 
-        return self._guard("log a model", lambda: mlflow.pytorch.log_model(
-            model.eval(), name=name, input_example=input_example, registered_model_name=registered_model_name))
+        return self._guard(
+            "log a model",
+            lambda: mlflow.pytorch.log_model(
+                model.eval(),
+                name=name,
+                input_example=input_example,
+                registered_model_name=registered_model_name,
+            ),
+        )
 
-    def register_classifier(self, checkpoint: str | Path, alias: str, name: str = "model") -> str | None:
+    def register_classifier(
+        self, checkpoint: str | Path, alias: str, name: str = "model"
+    ) -> str | None:
         """A classifier checkpoint -> this run's model, registered as tracking.registered_model_name
         with `alias` pointing at the new version; returns the version (None when not tracking)."""
         if not self.active:
@@ -207,24 +236,33 @@ class Tracker:
         digest = file_sha256(checkpoint)
         # Exactly once per (run, checkpoint): a job killed after registering, then resumed, finds
         # its version instead of adding another.
-        version = next((v.version for v in self._versions_of_this_run(client, registry)
-                        if v.tags.get("checkpoint_sha256") == digest), None)
+        version = next(
+            (
+                v.version
+                for v in self._versions_of_this_run(client, registry)
+                if v.tags.get("checkpoint_sha256") == digest
+            ),
+            None,
+        )
         if version is None:
             model, pre = load_classifier(checkpoint)
             example = np.zeros((1, 1, pre.size, pre.size), np.float32)
             info = mlflow.pytorch.log_model(model.eval(), name=name, input_example=example)
             # The tag comes with the version in one call: no version exists without it.
-            version = mlflow.register_model(info.model_uri, registry, tags={"checkpoint_sha256": digest}).version
+            version = mlflow.register_model(
+                info.model_uri, registry, tags={"checkpoint_sha256": digest}
+            ).version
             faults.reached("register")
         client.set_registered_model_alias(registry, alias, str(version))
         return str(version)
 
     def _versions_of_this_run(self, client, registry: str) -> list:
         try:
-            return list(client.search_model_versions(f"name='{registry}' and run_id='{self.run_id}'"))
+            return list(
+                client.search_model_versions(f"name='{registry}' and run_id='{self.run_id}'")
+            )
         except Exception:  # no such registered model yet
             return []
-
 
 
 class SavedRun(Tracker):
@@ -237,18 +275,27 @@ class SavedRun(Tracker):
     (default: `cfg`) as its params. With `completes`, the file also says whether everything was
     logged: `complete` is True when nothing is left to log, and `mark_complete()` says so."""
 
-    def __init__(self, cfg: Config, record: Path, run_name: str, *,
-                 belongs: Mapping[str, Any] | None = None, config: Config | None = None,
-                 completes: bool = False, nested: bool = False,
-                 tags: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        record: Path,
+        run_name: str,
+        *,
+        belongs: Mapping[str, Any] | None = None,
+        config: Config | None = None,
+        completes: bool = False,
+        nested: bool = False,
+        tags: Mapping[str, str] | None = None,
+    ):
         self.record = Path(record)
         self.belongs = dict(belongs or {})
         saved = json.loads(self.record.read_text()) if self.record.is_file() else {}
         self.previous = saved if all(saved.get(k) == v for k, v in self.belongs.items()) else {}
         self.config = config
         self.completes = completes
-        super().__init__(cfg, run_name, nested=nested, tags=tags,
-                         run_id=self.previous.get("run_id"))
+        super().__init__(
+            cfg, run_name, nested=nested, tags=tags, run_id=self.previous.get("run_id")
+        )
 
     @property
     def complete(self) -> bool:
@@ -283,8 +330,10 @@ def store_problem(cfg: Config) -> str | None:
     uri = tracking_uri(cfg)
     problem = server_problem(uri) if cfg.tracking.enabled else None
     if problem:
-        return (f"MLflow tracking server {uri} is not reachable ({problem}); start it or unset "
-                "MLFLOW_TRACKING_URI / tracking.uri to use the local store")
+        return (
+            f"MLflow tracking server {uri} is not reachable ({problem}); start it or unset "
+            "MLFLOW_TRACKING_URI / tracking.uri to use the local store"
+        )
     return None
 
 
@@ -295,27 +344,41 @@ def store_problem(cfg: Config) -> str | None:
 def cycle_job_run(cfg: Config, run_name: str) -> SavedRun:
     """The cycle job's run, kept in <run>/mlflow_run.json: `--resume` reopens it while the store
     is the same."""
-    return SavedRun(cfg, Path(cfg.output_dir) / run_name / "mlflow_run.json", run_name,
-                    belongs={"uri": tracking_uri(cfg)}, tags={"job": "cycle"})
+    return SavedRun(
+        cfg,
+        Path(cfg.output_dir) / run_name / "mlflow_run.json",
+        run_name,
+        belongs={"uri": tracking_uri(cfg)},
+        tags={"job": "cycle"},
+    )
 
 
-def track_cycle(runner: Runner, k: int, arch: str, metrics: dict, shards: Path | None,
-                config: Config) -> None:
+def track_cycle(
+    runner: Runner, k: int, arch: str, metrics: dict, shards: Path | None, config: Config
+) -> None:
     """One evaluated (cycle, arch) -> a run nested in the job's run (`runner.tracker`): `config`
     (the stage's), per-epoch curves, metrics, pictures, the shard manifest. A child run cut off
     half-way is reopened and completed, never left beside a second one; one logged in full before
     an interruption is left as it is. Written from the driver's thread only."""
     train_dir = runner.paths.stage(k, arch, "train")
     record = runner.paths.stage(k, arch, "evaluate") / "mlflow_run.json"
-    child = SavedRun(runner.cfg, record, f"cycle{k}-{arch}",
-                     belongs={"parent": runner.tracker.run_id}, config=config, completes=True,
-                     nested=True, tags={"cycle": str(k), "arch": arch, "job_run": runner.run_name})
+    child = SavedRun(
+        runner.cfg,
+        record,
+        f"cycle{k}-{arch}",
+        belongs={"parent": runner.tracker.run_id},
+        config=config,
+        completes=True,
+        nested=True,
+        tags={"cycle": str(k), "arch": arch, "job_run": runner.run_name},
+    )
     if child.complete:
         return  # logged before the interruption
     with child:
         for row in json.loads((train_dir / "history.json").read_text()):
-            child.log_metrics({key: v for key, v in row.items() if key != "epoch"},
-                              step=row["epoch"])
+            child.log_metrics(
+                {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]
+            )
         child.log_metrics(metrics)
         for picture in cycle_pictures(runner.paths, k, arch):
             child.log_artifact(picture, "pictures")
@@ -331,8 +394,14 @@ def register_best(tracker: Tracker, runner: Runner, state: CycleState) -> str | 
     and of those the one with the highest val accuracy (test never chooses)."""
     if not tracker.active:
         return None
-    best = max(((cycles[-1]["val_accuracy"], len(cycles) - 1, arch)
-                for arch, cycles in state.results.items() if cycles), default=None)
+    best = max(
+        (
+            (cycles[-1]["val_accuracy"], len(cycles) - 1, arch)
+            for arch, cycles in state.results.items()
+            if cycles
+        ),
+        default=None,
+    )
     if best is None:
         return None
     _, k, arch = best
@@ -348,8 +417,9 @@ def register_best(tracker: Tracker, runner: Runner, state: CycleState) -> str | 
         return None
     registry = tracker.cfg.tracking.registered_model_name
     message = f"{registry} v{version} (alias 'best'): {arch}, cycle {k}"
-    atomic_write_json(record, {"run_id": tracker.run_id, "arch": arch, "cycle": k,
-                               "message": message})
+    atomic_write_json(
+        record, {"run_id": tracker.run_id, "arch": arch, "cycle": k, "message": message}
+    )
     return message
 
 
@@ -363,8 +433,14 @@ def log_job_files(tracker: Tracker, root: Path) -> None:
 # Sweeps and evidence
 
 
-def track_sweep(cfg: Config, name: str, rows: list[dict], sweep_dir: Path, files: list[Path],
-                best_model: Path | None) -> str | None:
+def track_sweep(
+    cfg: Config,
+    name: str,
+    rows: list[dict],
+    sweep_dir: Path,
+    files: list[Path],
+    best_model: Path | None,
+) -> str | None:
     """A parent run for the sweep (kept in <sweep>/mlflow_run.json), a nested run per trial not
     logged yet, the sweep's `files`, and the best trial's model (`best_model`, rows[0]'s)
     registered once. Written from the driver only (one SQLite writer); returns what was
@@ -392,8 +468,9 @@ def track_sweep(cfg: Config, name: str, rows: list[dict], sweep_dir: Path, files
         version = parent.register_classifier(best_model, alias="sweep_best", name="best_model")
         if version is not None:
             message = f"{cfg.tracking.registered_model_name} v{version} (alias 'sweep_best')"
-            parent.save(trials=sorted(logged),
-                        registered={"trial_id": best["trial_id"], "message": message})
+            parent.save(
+                trials=sorted(logged), registered={"trial_id": best["trial_id"], "message": message}
+            )
             return message
     return None
 
@@ -403,9 +480,16 @@ def _track_trial(cfg: Config, sweep: str, row: dict) -> None:
     with Tracker(cfg, run_name=f"trial-{row['trial_id']}", nested=True, tags=tags) as child:
         child.log_params({k: str(v) for k, v in row["values"].items()})
         for step, report in enumerate(row["history"]):
-            child.log_metrics({k: v for k, v in report.items()
-                               if isinstance(v, (int, float)) and not isinstance(v, bool)
-                               and k not in ("training_iteration",)}, step=step)
+            child.log_metrics(
+                {
+                    k: v
+                    for k, v in report.items()
+                    if isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                    and k not in ("training_iteration",)
+                },
+                step=step,
+            )
 
 
 def track_evidence(cfg: Config, name: str, table: dict, report: Path) -> None:
@@ -414,7 +498,8 @@ def track_evidence(cfg: Config, name: str, table: dict, report: Path) -> None:
         tracker.log_config()
         for arch, rows in table.items():
             for variant, row in rows.items():
-                tracker.log_metrics({f"{arch}.{variant}.{metric}_change": m["change"]
-                                     for metric, m in row.items()})
+                tracker.log_metrics(
+                    {f"{arch}.{variant}.{metric}_change": m["change"] for metric, m in row.items()}
+                )
         tracker.log_artifact(report)
         tracker.log_artifact(report.with_name("evidence.json"))

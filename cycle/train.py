@@ -46,9 +46,13 @@ from cycle.watchdog import Watchdog
 
 LAST = "last.pt"  # model, optimiser, scheduler, epoch, early-stopping state, history
 BEST = "best.pt"  # model weights with the lowest val loss so far
-STARTED = "started.json"  # written when a worker begins: the driver's watchdog knows it got resources
+STARTED = (
+    "started.json"  # written when a worker begins: the driver's watchdog knows it got resources
+)
 RAY_EPOCH = "epoch.json"  # beside last.pt in Ray's checkpoint: which epoch it holds
-EPOCH_LOG = "epochs.log"  # one line per epoch executed (history.json is rebuilt from the checkpoint)
+EPOCH_LOG = (
+    "epochs.log"  # one line per epoch executed (history.json is rebuilt from the checkpoint)
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,8 +75,13 @@ class Session:
                 import ray.train.torch
 
                 ctx = ray.train.get_context()
-                return cls(True, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
-                           ray_checkpoints)
+                return cls(
+                    True,
+                    ctx.get_world_rank(),
+                    ctx.get_world_size(),
+                    ray.train.torch.get_device(),
+                    ray_checkpoints,
+                )
             # Not inside trainer.fit() (RuntimeError), or inside a Tune trial (DeprecationWarning).
             except (ImportError, RuntimeError, DeprecationWarning):
                 pass
@@ -94,9 +103,17 @@ class Session:
             checkpoint = ray.train.get_checkpoint()
             if checkpoint is not None:
                 folder = Path(checkpoint.to_directory())
-                ray_epoch = json.loads((folder / RAY_EPOCH).read_text())["epoch"] if (folder / RAY_EPOCH).is_file() else math.inf
+                ray_epoch = (
+                    json.loads((folder / RAY_EPOCH).read_text())["epoch"]
+                    if (folder / RAY_EPOCH).is_file()
+                    else math.inf
+                )
                 history = run_dir / "history.json"
-                local_epoch = len(json.loads(history.read_text())) if path.is_file() and history.is_file() else -1
+                local_epoch = (
+                    len(json.loads(history.read_text()))
+                    if path.is_file() and history.is_file()
+                    else -1
+                )
                 if (folder / LAST).is_file() and ray_epoch >= local_epoch:
                     return folder / LAST, "Ray storage checkpoint"
         return (path, "local checkpoint") if path.is_file() else None
@@ -169,10 +186,14 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay,
-                               nesterov=True)
-    optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
-                     "radam": torch.optim.RAdam}[t.optimizer]
+        return torch.optim.SGD(
+            params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True
+        )
+    optimizer_cls = {
+        "adamw": torch.optim.AdamW,
+        "adam": torch.optim.Adam,
+        "radam": torch.optim.RAdam,
+    }[t.optimizer]
     return optimizer_cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -192,8 +213,9 @@ def make_criterion(cfg: Config, labels: np.ndarray, device: torch.device) -> nn.
 
 
 def loader(dataset: ImageDataset, cfg: Config, session: Session, shuffle: bool) -> DataLoader:
-    sampler = EpochShuffle(len(dataset), cfg.seed, session.rank, session.world_size,
-                           shuffle=shuffle)
+    sampler = EpochShuffle(
+        len(dataset), cfg.seed, session.rank, session.world_size, shuffle=shuffle
+    )
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size if shuffle else max(cfg.train.batch_size, 64),
@@ -204,8 +226,9 @@ def loader(dataset: ImageDataset, cfg: Config, session: Session, shuffle: bool) 
     )
 
 
-def train_one_epoch(model, data, optimizer, criterion, cfg: Config,
-                    session: Session) -> dict[str, float]:
+def train_one_epoch(
+    model, data, optimizer, criterion, cfg: Config, session: Session
+) -> dict[str, float]:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for step, (images, labels, _) in enumerate(data):
@@ -244,7 +267,9 @@ class LoopConfig:
     in_process: bool = False  # called directly, not by Ray Train (e.g. inside a Tune trial)
 
 
-def build_datasets(cfg: Config, scan: ScanResult, train_shards: str | None) -> dict[str, ImageDataset]:
+def build_datasets(
+    cfg: Config, scan: ScanResult, train_shards: str | None
+) -> dict[str, ImageDataset]:
     """train, val, test, test_cf from the records. With shards, train is the enhanced films and
     "select" the enhanced val films (what the epoch is chosen on); val, test and test_cf stay
     the original films."""
@@ -267,8 +292,13 @@ def build_datasets(cfg: Config, scan: ScanResult, train_shards: str | None) -> d
 
         def enhanced(split: str, augment_with) -> ImageDataset:
             rows = by_split[split]
-            return ImageDataset([records[i] for i in rows], preprocess, augment_with,
-                                seed=cfg.seed, resized=[films[i] for i in rows])
+            return ImageDataset(
+                [records[i] for i in rows],
+                preprocess,
+                augment_with,
+                seed=cfg.seed,
+                resized=[films[i] for i in rows],
+            )
 
         datasets["train"] = enhanced("train", augment)
         if by_split["val"]:
@@ -285,8 +315,13 @@ def restore(run_dir: Path, cfg: Config, session: Session, model, optimizer, sche
     """The loop's state: resumed from the newest readable checkpoint, else a fresh start.
     Writes started.json (the driver's watchdog sees the worker got its resources; the tests see
     where a resume came from)."""
-    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "finished": False,
-             "history": []}
+    state = {
+        "epoch": 0,
+        "best_val_loss": math.inf,
+        "bad_epochs": 0,
+        "finished": False,
+        "history": [],
+    }
     who = cfg.model.arch
     resume = session.resume_file(run_dir)
     saved = read_checkpoint(resume[0], say, who) if resume is not None else None
@@ -297,10 +332,16 @@ def restore(run_dir: Path, cfg: Config, session: Session, model, optimizer, sche
         if session.is_main:
             say(f"[{who}] resuming after epoch {state['epoch']} from the {resume[1]} {resume[0]}")
     if session.is_main:
-        atomic_write_json(run_dir / STARTED, {
-            "pid": os.getpid(), "time": time.time(), "resumed_after_epoch": state["epoch"],
-            "resumed_from": str(resume[0]) if saved is not None else None,
-            "resume_source": resume[1] if saved is not None else None})
+        atomic_write_json(
+            run_dir / STARTED,
+            {
+                "pid": os.getpid(),
+                "time": time.time(),
+                "resumed_after_epoch": state["epoch"],
+                "resumed_from": str(resume[0]) if saved is not None else None,
+                "resume_source": resume[1] if saved is not None else None,
+            },
+        )
     return state
 
 
@@ -316,8 +357,18 @@ def end_of_epoch(state: dict, select_loss: float, cfg: Config) -> tuple[bool, bo
     return improved, stop_early
 
 
-def run_epoch(net, model, train_loader, datasets, optimizer, scheduler, criterion, state: dict,
-              cfg: Config, session: Session) -> tuple[dict, bool, bool]:
+def run_epoch(
+    net,
+    model,
+    train_loader,
+    datasets,
+    optimizer,
+    scheduler,
+    criterion,
+    state: dict,
+    cfg: Config,
+    session: Session,
+) -> tuple[dict, bool, bool]:
     """Train one epoch, validate, step the schedule, update early stopping; returns the
     history row, whether it improved and whether training stops early."""
     epoch = state["epoch"]
@@ -327,19 +378,38 @@ def run_epoch(net, model, train_loader, datasets, optimizer, scheduler, criterio
     train_loader.sampler.set_epoch(epoch)
     stats = train_one_epoch(net, train_loader, optimizer, criterion, cfg, session)
     val = split_metrics(model, datasets["val"], cfg, session.device)
-    select = split_metrics(model, datasets["select"], cfg, session.device) if "select" in datasets else val
+    select = (
+        split_metrics(model, datasets["select"], cfg, session.device)
+        if "select" in datasets
+        else val
+    )
     scheduler.step()
     improved, stop_early = end_of_epoch(state, select["loss"], cfg)
-    row = {"epoch": epoch + 1, **stats, **prefixed(val, "val"), "lr": optimizer.param_groups[0]["lr"],
-           "seconds": time.perf_counter() - started}
+    row = {
+        "epoch": epoch + 1,
+        **stats,
+        **prefixed(val, "val"),
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": time.perf_counter() - started,
+    }
     if select is not val:
         row.update(prefixed(select, "select"))
     state["history"].append(row)
     return row, improved, stop_early
 
 
-def save_epoch(run_dir: Path, model, optimizer, scheduler, state: dict, row: dict, improved: bool,
-               stop_early: bool, cfg: Config, session: Session) -> Path | None:
+def save_epoch(
+    run_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    row: dict,
+    improved: bool,
+    stop_early: bool,
+    cfg: Config,
+    session: Session,
+) -> Path | None:
     """Rank 0: epochs.log, best.pt when improved, last.pt, history.json, the epoch line; returns
     the folder to hand Ray as this epoch's checkpoint (None without Ray checkpoints)."""
     with open(run_dir / EPOCH_LOG, "a") as handle:  # append-only: what really ran, resumed or not
@@ -356,24 +426,34 @@ def save_epoch(run_dir: Path, model, optimizer, scheduler, state: dict, row: dic
 
 
 def epoch_line(row: dict, cfg: Config, improved: bool, stopped_early: bool) -> str:
-    parts = [f"[{cfg.model.arch}] epoch {row['epoch']}/{cfg.train.epochs}",
-             f"train_loss {row['train_loss']:.4f}", f"train_acc {row['train_accuracy']:.3f}",
-             f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.3f}"]
+    parts = [
+        f"[{cfg.model.arch}] epoch {row['epoch']}/{cfg.train.epochs}",
+        f"train_loss {row['train_loss']:.4f}",
+        f"train_acc {row['train_accuracy']:.3f}",
+        f"val_loss {row['val_loss']:.4f}",
+        f"val_acc {row['val_accuracy']:.3f}",
+    ]
     if "select_loss" in row:
-        parts += [f"select_loss {row['select_loss']:.4f}", f"select_acc {row['select_accuracy']:.3f}"]
+        parts += [
+            f"select_loss {row['select_loss']:.4f}",
+            f"select_acc {row['select_accuracy']:.3f}",
+        ]
     note = (" (best)" if improved else "") + (" - early stop" if stopped_early else "")
     return "  ".join(parts) + f"  {row['seconds']:.1f}s{note}"
 
 
-def final_evaluation(model: Classifier, datasets: dict, cfg: Config, device: torch.device,
-                     run_dir: Path) -> dict:
+def final_evaluation(
+    model: Classifier, datasets: dict, cfg: Config, device: torch.device, run_dir: Path
+) -> dict:
     """Reload the weights chosen on val (never test) and evaluate every original split."""
     best = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
     flat, results = evaluate_splits(model, datasets, cfg, device, run_dir, best_epoch=best["epoch"])
     chosen_on = "enhanced val" if "select" in datasets else "val"
-    say(f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest {chosen_on} loss)\n"
-        + format_table(results))
+    say(
+        f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest {chosen_on} loss)\n"
+        + format_table(results)
+    )
     return flat
 
 
@@ -403,15 +483,19 @@ def train_func(loop_config: dict) -> None:
             ds.preload(label=f"{cfg.model.arch} {name}" if session.is_main else "")
 
     while not state["finished"]:
-        row, improved, stop_early = run_epoch(net, model, train_loader, datasets, optimizer,
-                                              scheduler, criterion, state, cfg, session)
+        row, improved, stop_early = run_epoch(
+            net, model, train_loader, datasets, optimizer, scheduler, criterion, state, cfg, session
+        )
         ray_dir = None
         if session.is_main:
-            ray_dir = save_epoch(run_dir, model, optimizer, scheduler, state, row, improved,
-                                 stop_early, cfg, session)
+            ray_dir = save_epoch(
+                run_dir, model, optimizer, scheduler, state, row, improved, stop_early, cfg, session
+            )
         session.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, ray_dir)
 
-    final = final_evaluation(model, datasets, cfg, session.device, run_dir) if session.is_main else {}
+    final = (
+        final_evaluation(model, datasets, cfg, session.device, run_dir) if session.is_main else {}
+    )
     session.report({"final": 1, **final})
 
 
@@ -427,8 +511,14 @@ def resolve_use_gpu(cfg: Config) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def run_training(cfg: Config, records_path: Path, run_dir: Path, name: str, train_shards: Path | None = None,
-                 threads: int | None = None) -> dict:
+def run_training(
+    cfg: Config,
+    records_path: Path,
+    run_dir: Path,
+    name: str,
+    train_shards: Path | None = None,
+    threads: int | None = None,
+) -> dict:
     """Fit one architecture with Ray Train (num_workers=0: in this process). Returns metrics.json.
     Safe to call from several threads at once: each call is its own TorchTrainer. `threads` caps
     each worker's torch threads (trainers sharing a machine); None leaves torch's default."""
@@ -505,11 +595,16 @@ class _TrainerWatch:
 
         def describe(waited: float) -> str:
             return waiting_message(
-                f"training {name} ({r.num_workers} Ray Train worker(s))", waited, request,
-                ray.cluster_resources(), ray.available_resources(),
-                "give the cluster what one trainer asks for (`ray start --head --num-cpus N`, GPU nodes), or ask "
-                "for less (resources.cpus_per_worker, resources.num_workers, resources.use_gpu=false), or train "
-                "in the driver (resources.num_workers=0)")
+                f"training {name} ({r.num_workers} Ray Train worker(s))",
+                waited,
+                request,
+                ray.cluster_resources(),
+                ray.available_resources(),
+                "give the cluster what one trainer asks for (`ray start --head --num-cpus N`, "
+                "GPU nodes), or ask for less (resources.cpus_per_worker, resources.num_workers, "
+                "resources.use_gpu=false), or train "
+                "in the driver (resources.num_workers=0)",
+            )
 
         with self._lock:
             self._running[name] = run_dir

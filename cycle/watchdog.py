@@ -32,10 +32,22 @@ class Watchdog:
     `describe(waited_s)` returns the message; `stalled(waited_s)` may veto (e.g. every trainer is
     already running, so a long epoch is not a stall); `on_stall` defaults to ending the process."""
 
-    def __init__(self, what: str, timeout_s: float, describe: Callable[[float], str],
-                 stalled: Callable[[], bool] = lambda: True, on_stall: Callable[[str], None] = _exit_stalled,
-                 poll_s: float = 1.0):
-        self.what, self.timeout_s, self.describe, self.stalled, self.on_stall = what, timeout_s, describe, stalled, on_stall
+    def __init__(
+        self,
+        what: str,
+        timeout_s: float,
+        describe: Callable[[float], str],
+        stalled: Callable[[], bool] = lambda: True,
+        on_stall: Callable[[str], None] = _exit_stalled,
+        poll_s: float = 1.0,
+    ):
+        self.what, self.timeout_s, self.describe, self.stalled, self.on_stall = (
+            what,
+            timeout_s,
+            describe,
+            stalled,
+            on_stall,
+        )
         self.poll_s = min(poll_s, max(timeout_s / 4, 0.05))
         self._last = time.monotonic()
         self._done = threading.Event()

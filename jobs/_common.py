@@ -19,16 +19,23 @@ from cycle.config import Config, ConfigError, load_config  # noqa: E402
 def config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (default: the embedded defaults)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config value, e.g. --set train.lr=3e-4 (repeatable)",
     )
     return parser
 
 
 def inprocess_shards_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--inprocess-shards", action="store_true",
-                        help="build shards in this process, not with Ray Data; with --set resources.num_workers=0 "
-                             "the job needs no Ray at all (e.g. a single GPU box)")
+    parser.add_argument(
+        "--inprocess-shards",
+        action="store_true",
+        help="build shards in this process, not with Ray Data; with --set resources.num_workers=0 "
+        "the job needs no Ray at all (e.g. a single GPU box)",
+    )
     return parser
 
 

@@ -24,12 +24,24 @@ from cycle.tracking import Tracker
 
 
 def main() -> None:
-    parser = _common.config_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = _common.config_arguments(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     parser.add_argument("--model", required=True, help="classifier checkpoint (best.pt)")
-    parser.add_argument("--lung-model", required=True, help="lung U-Net checkpoint (jobs/train_lungseg.py)")
+    parser.add_argument(
+        "--lung-model", required=True, help="lung U-Net checkpoint (jobs/train_lungseg.py)"
+    )
     parser.add_argument("--out", default=None)
-    parser.add_argument("--actors", type=int, default=None,
-                        help="at most this many Ray Data actors holding the models (default: sized from the cluster)")
+    parser.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help=(
+            "at most this many Ray Data actors holding the models (default: sized from the cluster)"
+        ),
+    )
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     args = parser.parse_args()
     cfg = _common.config_from(args)
@@ -44,8 +56,15 @@ def main() -> None:
     out = Path(args.out or Path(cfg.output_dir) / "shards" / Path(args.model).parent.name)
 
     init_ray(cfg)
-    manifest = build_shards(cfg, train, args.model, args.lung_model, out, num_actors=args.actors,
-                            gpus_per_actor=args.gpus_per_actor)
+    manifest = build_shards(
+        cfg,
+        train,
+        args.model,
+        args.lung_model,
+        out,
+        num_actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+    )
     samples = out / "samples.png"
     if not samples.is_file() or samples.stat().st_mtime < (out / "manifest.json").stat().st_mtime:
         worker = EnhanceWorker.from_config(args.model, args.lung_model, cfg)
@@ -56,8 +75,10 @@ def main() -> None:
         tracker.log_metrics({f"shards_{k}": v for k, v in counts.items() if isinstance(v, int)})
         tracker.log_artifact(out / "manifest.json")
         tracker.log_artifact(samples)
-    print(f"in {counts['in']}, written {counts['written']}, skipped {counts['skipped']}, "
-          f"untrusted (kept by fallback) {counts['untrusted_written']}")
+    print(
+        f"in {counts['in']}, written {counts['written']}, skipped {counts['skipped']}, "
+        f"untrusted (kept by fallback) {counts['untrusted_written']}"
+    )
     for reason, n in manifest["skip_reasons"].items():
         print(f"  skipped {n}: {reason}")
     print(f"shards: {out}")

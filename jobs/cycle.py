@@ -36,10 +36,18 @@ from cycle.tracking import (
 
 
 def main() -> None:
-    parser = _common.config_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = _common.config_arguments(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", metavar="RUN", help="continue the run RUN (finished stages are skipped)")
-    group.add_argument("--run-name", metavar="RUN", help="name of a new run (default: cycle-<time>)")
+    group.add_argument(
+        "--resume", metavar="RUN", help="continue the run RUN (finished stages are skipped)"
+    )
+    group.add_argument(
+        "--run-name", metavar="RUN", help="name of a new run (default: cycle-<time>)"
+    )
     _common.inprocess_shards_argument(parser)
     args = parser.parse_args()
     cfg = _common.config_from(args)
@@ -58,12 +66,18 @@ def main() -> None:
 
     print(f"run          {run_name} -> {Path(cfg.output_dir) / run_name}")
     print(f"data         {cfg.data.root or f'phantoms in {cfg.phantom_dir()}'}")
-    print(f"archs        {', '.join(cfg.cycles.archs)}; baseline + {cfg.cycles.max} cycle(s) "
-          f"({cfg.enhance.mode}, strength {cfg.enhance.strength})")
-    print(f"resources    {cfg.resources.num_workers} Ray Train worker(s) per arch, "
-          f"ray: {cfg.resources.ray_address or os.environ.get('RAY_ADDRESS') or 'local'}")
-    print(f"tracking     {tracking_store(cfg)}{'' if cfg.tracking.enabled else ' (disabled)'}",
-          flush=True)
+    print(
+        f"archs        {', '.join(cfg.cycles.archs)}; baseline + {cfg.cycles.max} cycle(s) "
+        f"({cfg.enhance.mode}, strength {cfg.enhance.strength})"
+    )
+    print(
+        f"resources    {cfg.resources.num_workers} Ray Train worker(s) per arch, "
+        f"ray: {cfg.resources.ray_address or os.environ.get('RAY_ADDRESS') or 'local'}"
+    )
+    print(
+        f"tracking     {tracking_store(cfg)}{'' if cfg.tracking.enabled else ' (disabled)'}",
+        flush=True,
+    )
     problem = input_problem(cfg)
     if problem:
         sys.exit(f"error: {problem}")
@@ -92,9 +106,12 @@ def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
     print(f"mlflow       {note}  (browse: mlflow ui --host 127.0.0.1)")
     print(f"finished in {time.perf_counter() - started:.0f}s")
     if Tracker.lost:
-        sys.exit(f"error: the run finished, but MLflow stopped answering ({Tracker.lost}); what it could not log "
-                 f"is kept beside the run: once the server is back, `python jobs/cycle.py --resume {run_name}` "
-                 "(with the same --config/--set) logs it")
+        sys.exit(
+            f"error: the run finished, but MLflow stopped answering ({Tracker.lost}); "
+            "what it could not log is kept beside the run: once the server is back, "
+            f"`python jobs/cycle.py --resume {run_name}` "
+            "(with the same --config/--set) logs it"
+        )
 
 
 if __name__ == "__main__":

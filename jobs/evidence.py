@@ -25,17 +25,29 @@ from cycle.tracking import track_evidence
 
 
 def main() -> None:
-    parser = _common.config_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = _common.config_arguments(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--name", default="evidence", help="prefix of the runs and the report folder")
-    parser.add_argument("--report-only", action="store_true", help="only tabulate runs that already finished")
+    parser.add_argument(
+        "--name", default="evidence", help="prefix of the runs and the report folder"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="only tabulate runs that already finished"
+    )
     _common.inprocess_shards_argument(parser)
     args = parser.parse_args()
     cfg = _common.config_from(args)
     variants = list(dict.fromkeys(args.variants))
-    print(f"evidence     {len(args.seeds)} seed(s) x {len(variants)} variant(s) ({', '.join(variants)}) "
-          f"x archs {', '.join(cfg.cycles.archs)}; baseline + {cfg.cycles.max} cycle(s) each", flush=True)
+    print(
+        f"evidence     {len(args.seeds)} seed(s) x {len(variants)} variant(s) "
+        f"({', '.join(variants)}) "
+        f"x archs {', '.join(cfg.cycles.archs)}; baseline + {cfg.cycles.max} cycle(s) each",
+        flush=True,
+    )
 
     problem = None if args.report_only else input_problem(cfg)
     if problem:

@@ -21,11 +21,18 @@ from cycle.lungseg.masks import load_lung_model
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("inputs", nargs="+", help="image files or folders")
-    parser.add_argument("--model", required=True, help="a classifier checkpoint (best.pt or last.pt)")
+    parser.add_argument(
+        "--model", required=True, help="a classifier checkpoint (best.pt or last.pt)"
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--lung-model", help="lung U-Net (jobs/train_lungseg.py): adds each film's lung energy share")
+    parser.add_argument(
+        "--lung-model",
+        help="lung U-Net (jobs/train_lungseg.py): adds each film's lung energy share",
+    )
     parser.add_argument("--method", default="auto", choices=["auto", "gradcam", "hirescam"])
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
@@ -40,11 +47,21 @@ def main() -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r  explained {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    rows, skipped = explain_files(model, preprocess, args.inputs, args.out, args.method, args.batch_size,
-                                  progress=progress, lung_model=lung_model)
+    rows, skipped = explain_files(
+        model,
+        preprocess,
+        args.inputs,
+        args.out,
+        args.method,
+        args.batch_size,
+        progress=progress,
+        lung_model=lung_model,
+    )
     print(file=sys.stderr)
     for row in rows:
-        share = f"  lung share {row.lung_energy_share:.3f}" if row.lung_energy_share is not None else ""
+        share = (
+            f"  lung share {row.lung_energy_share:.3f}" if row.lung_energy_share is not None else ""
+        )
         print(f"{row.predicted:9s} {row.probability:.3f}{share}  {row.path}")
     for path, reason in skipped:
         print(f"skipped: {path}: {reason}", file=sys.stderr)

@@ -28,18 +28,26 @@ from cycle.data.records import (
 
 def main() -> int:
     defaults = DataConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("root", help="chest_xray folder or .zip")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=None, help="where zips are extracted (default: a temp dir)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="where zips are extracted (default: a temp dir)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
             result = load_dataset(
-                args.root, args.val_fraction, args.seed, Path(args.cache_dir or tmp), verbose=not args.json
+                args.root,
+                args.val_fraction,
+                args.seed,
+                Path(args.cache_dir or tmp),
+                verbose=not args.json,
             )
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -50,18 +58,32 @@ def main() -> int:
     overlap = patient_overlap(result.records)
     skipped = [{"path": s.path, "reason": s.reason} for s in result.skipped]
     if args.json:
-        print(json.dumps({"root": result.root, "splits": counts, "patients": patients,
-                          "patient_overlap": overlap, "skipped": skipped}))
+        print(
+            json.dumps(
+                {
+                    "root": result.root,
+                    "splits": counts,
+                    "patients": patients,
+                    "patient_overlap": overlap,
+                    "skipped": skipped,
+                }
+            )
+        )
         return 0
 
     print(f"data root: {result.root}")
     print("(Kaggle's val split is folded into train; val is carved from train by patient)\n")
     print(f"{'split':8} {CLASSES[0]:>8} {CLASSES[1]:>10} {'total':>7} {'patients':>9}")
     for split, per in counts.items():
-        print(f"{split:8} {per['NORMAL']:8d} {per['PNEUMONIA']:10d} {sum(per.values()):7d} {patients[split]:9d}")
+        print(
+            f"{split:8} {per['NORMAL']:8d} {per['PNEUMONIA']:10d} "
+            f"{sum(per.values()):7d} {patients[split]:9d}"
+        )
     if overlap:
-        print("\nwarning: patients shared between splits: "
-              + ", ".join(f"{k}: {v}" for k, v in overlap.items()))
+        print(
+            "\nwarning: patients shared between splits: "
+            + ", ".join(f"{k}: {v}" for k, v in overlap.items())
+        )
     else:
         print("\nno patient appears in two splits")
     print(f"\nskipped {len(skipped)} file(s)")

@@ -1,6 +1,6 @@
 """Write the synthetic chest X-ray benchmark in the Kaggle layout.
 
-    python jobs/make_phantoms.py --out /tmp/p [--n-train 2000 --n-test 400 --n-test-cf 400 ...]
+python jobs/make_phantoms.py --out /tmp/p [--n-train 2000 --n-test 400 --n-test-cf 400 ...]
 """
 
 from __future__ import annotations
@@ -19,15 +19,27 @@ from cycle.io import atomic_write_bytes
 
 def main() -> None:
     defaults = PhantomConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder; the tree goes to OUT/chest_xray")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder; the tree goes to OUT/chest_xray"
+    )
     for field in ("n_train", "n_val", "n_test", "n_test_cf", "size", "seed", "images_per_patient"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
+        parser.add_argument(
+            f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field)
+        )
     for field in ("pneumonia_fraction", "shortcut", "border_shortcut"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(defaults, field))
+        parser.add_argument(
+            f"--{field.replace('_', '-')}", type=float, default=getattr(defaults, field)
+        )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--force", action="store_true", help="replace a tree made from another spec")
-    parser.add_argument("--preview", metavar="PNG", help="also write a contact sheet of the first train films")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a tree made from another spec"
+    )
+    parser.add_argument(
+        "--preview", metavar="PNG", help="also write a contact sheet of the first train films"
+    )
     args = parser.parse_args()
 
     values = {k: v for k, v in vars(args).items() if k in PhantomConfig.model_fields}
@@ -41,11 +53,16 @@ def main() -> None:
         print(f"\r  {done:,}/{total:,} films", end="", file=sys.stderr, flush=True)
 
     try:
-        root = write_dataset(args.out, spec, workers=args.workers, force=args.force, progress=progress)
+        root = write_dataset(
+            args.out, spec, workers=args.workers, force=args.force, progress=progress
+        )
     except FileExistsError as err:
         sys.exit(f"\nerror: {err}")
     total = sum(spec.split_sizes().values())
-    print(f"\nwrote {total:,} films to {root} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    print(
+        f"\nwrote {total:,} films to {root} in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
+    )
     if args.preview:
         write_preview(spec, args.preview)
         print(f"preview: {args.preview}", file=sys.stderr)

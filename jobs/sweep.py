@@ -36,11 +36,17 @@ from cycle.tracking import track_sweep
 
 
 def main() -> None:
-    parser = _common.config_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = _common.config_arguments(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     parser.add_argument("--space", required=True, help="search space YAML (tune_spaces/*.yaml)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--name", help="name of a new sweep (default: sweep-<time>)")
-    group.add_argument("--resume", metavar="NAME", help="continue the sweep NAME: finished trials are kept")
+    group.add_argument(
+        "--resume", metavar="NAME", help="continue the sweep NAME: finished trials are kept"
+    )
     args = parser.parse_args()
     cfg = _common.config_from(args)
     try:
@@ -51,9 +57,16 @@ def main() -> None:
         sys.exit(f"error: {err}")
     name = args.resume or args.name or time.strftime("%Y%m%d-%H%M%S")
     print(f"sweep        {name}: {len(space)} setting(s) from {args.space}: {', '.join(space)}")
-    print(f"trials       {cfg.sweep.num_samples} draw(s) per grid point, baseline + {cfg.cycles.max} cycle(s) each, "
-          f"ASHA (grace {cfg.sweep.grace_period}, reduction {cfg.sweep.reduction_factor})")
-    print(f"objective    {cfg.sweep.objective} ({cfg.sweep.mode}; lung_weight {cfg.sweep.lung_weight}), on val", flush=True)
+    print(
+        f"trials       {cfg.sweep.num_samples} draw(s) per grid point, "
+        f"baseline + {cfg.cycles.max} cycle(s) each, "
+        f"ASHA (grace {cfg.sweep.grace_period}, reduction {cfg.sweep.reduction_factor})"
+    )
+    print(
+        f"objective    {cfg.sweep.objective} ({cfg.sweep.mode}; "
+        f"lung_weight {cfg.sweep.lung_weight}), on val",
+        flush=True,
+    )
     problem = input_problem(cfg)
     if problem:
         sys.exit(f"error: {problem}")
@@ -66,14 +79,18 @@ def main() -> None:
     if not rows or all(np.isnan(r["objective"]) for r in rows):
         sys.exit(f"error: no trial reported an objective; see {sweep_dir}")
     best = rows[0]
-    written = write_sweep_report(cfg, name, rows, space, sweep_dir, best_config(cfg, best),
-                                 best_overrides(best))
-    registered = track_sweep(cfg, name, rows, sweep_dir, written.files,
-                             trial_model(sweep_dir, best))
+    written = write_sweep_report(
+        cfg, name, rows, space, sweep_dir, best_config(cfg, best), best_overrides(best)
+    )
+    registered = track_sweep(
+        cfg, name, rows, sweep_dir, written.files, trial_model(sweep_dir, best)
+    )
     stopped = sum(r["status"] == "stopped early" for r in rows)
     print("\n" + written.table)
-    print(f"\ntrials       {len(rows)} ({stopped} stopped early by ASHA, "
-          f"{sum(r['status'] == 'error' for r in rows)} failed)")
+    print(
+        f"\ntrials       {len(rows)} ({stopped} stopped early by ASHA, "
+        f"{sum(r['status'] == 'error' for r in rows)} failed)"
+    )
     print(f"best         {best['trial_id']}: {cfg.sweep.objective} {best['objective']:.4f}")
     print(f"best --set   {written.best_flags}")
     config_file = written.best_config

@@ -1,6 +1,7 @@
 """Train and evaluate one classifier on the configured data; print the metrics table.
 
-    python jobs/train.py [--config configs/smoke.yaml] [--set model.arch=resnet18 ...] [--run-name NAME]
+    python jobs/train.py [--config configs/smoke.yaml] [--set model.arch=resnet18 ...]
+        [--run-name NAME]
 
 Rerunning with the same run name resumes from the last completed epoch.
 """
@@ -22,13 +23,21 @@ from cycle.train import run_training
 
 
 def main() -> None:
-    parser = _common.config_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = _common.config_arguments(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     parser.add_argument("--run-name", default=None, help="default: train-<arch>-seed<seed>")
     args = parser.parse_args()
     cfg = _common.config_from(args)
     name = args.run_name or cfg.run_name or f"train-{cfg.model.arch}-seed{cfg.seed}"
     run_dir = Path(cfg.output_dir) / name
-    print(f"training {cfg.model.arch} ({cfg.data.image_size} px, {cfg.train.epochs} epochs) -> {run_dir}", flush=True)
+    print(
+        f"training {cfg.model.arch} ({cfg.data.image_size} px, {cfg.train.epochs} epochs) "
+        f"-> {run_dir}",
+        flush=True,
+    )
 
     try:
         scan = prepare_records(cfg, verbose=True)
@@ -48,7 +57,9 @@ def main() -> None:
         row = {k.removeprefix(f"{split}_"): v for k, v in flat.items() if k.startswith(f"{split}_")}
         if row:
             rows[split] = row
-    print("\n" + format_table(rows, columns=("loss", "accuracy", "sensitivity", "specificity", "auc")))
+    print(
+        "\n" + format_table(rows, columns=("loss", "accuracy", "sensitivity", "specificity", "auc"))
+    )
     print(f"\noutputs: {run_dir}")
 
 

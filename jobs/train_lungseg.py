@@ -24,25 +24,35 @@ from cycle.tracking import Tracker
 
 
 def main() -> None:
-    parser = _common.config_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = _common.config_arguments(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     parser.add_argument("--data", help="lung-mask data set folder (default: the phantom masks)")
     parser.add_argument("--run-name", default=None)
     args = parser.parse_args()
     cfg = _common.config_from(args)
     try:
         root = Path(args.data) if args.data else data_root(cfg, verbose=True).parent
-        layout, pairs, skipped = find_pairs(root, cfg.data.val_fraction, seed=cfg.seed,
-                                            cache_dir=Path(cfg.output_dir) / "cache")
+        layout, pairs, skipped = find_pairs(
+            root, cfg.data.val_fraction, seed=cfg.seed, cache_dir=Path(cfg.output_dir) / "cache"
+        )
     except (LungDataError, DataError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     name = args.run_name or f"{layout}-{cfg.lungseg.image_size}px-seed{cfg.seed}"
     out = Path(cfg.output_dir) / "lungseg" / name
     counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val", "test")}
-    print(f"lung U-Net on {root} ({layout} layout): {counts}, {len(skipped)} skipped -> {out}", flush=True)
+    print(
+        f"lung U-Net on {root} ({layout} layout): {counts}, {len(skipped)} skipped -> {out}",
+        flush=True,
+    )
     for item in skipped[:20]:
         print(f"  skipped {item.path}: {item.reason}")
 
-    with Tracker(cfg, run_name=f"lungseg-{name}", tags={"stage": "lungseg", "layout": layout}) as tracker:
+    with Tracker(
+        cfg, run_name=f"lungseg-{name}", tags={"stage": "lungseg", "layout": layout}
+    ) as tracker:
         tracker.log_config()
         metrics = train_lungseg(cfg, pairs, out, tracker=tracker)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})

@@ -79,9 +79,14 @@ def stop(process: subprocess.Popen) -> None:
 def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
     """`jobs/mlflow_server.sh` on loopback with its store under `root`; returns once it answers."""
     env = {**os.environ, "MLFLOW_SERVER_ROOT": str(root)}
-    server = subprocess.Popen(["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--port", str(port)],
-                              cwd=root.parent, env=env, start_new_session=True,
-                              stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        ["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--port", str(port)],
+        cwd=root.parent,
+        env=env,
+        start_new_session=True,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+    )
     wait_for(f"http://127.0.0.1:{port}/health", server)
     return server
 

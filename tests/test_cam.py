@@ -18,7 +18,9 @@ def batch():
 
 def _peer(peer_cls, model, images, targets):
     with peer_cls(model=model, target_layers=[model.features]) as cam:
-        return torch.from_numpy(cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets]))
+        return torch.from_numpy(
+            cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets])
+        )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -44,7 +46,9 @@ def test_hires_cam_equals_pytorch_grad_cam(arch, batch):
 
 def test_gradcam_and_hirescam_coincide_on_global_pool_heads(batch):
     model = build_model("resnet18", image_size=SIZE).eval()
-    torch.testing.assert_close(grad_cam(model, batch, target=1), hires_cam(model, batch, target=1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        grad_cam(model, batch, target=1), hires_cam(model, batch, target=1), atol=1e-5, rtol=0
+    )
 
 
 def test_default_target_is_the_predicted_class_and_logits_come_from_the_same_pass(batch):
@@ -69,7 +73,9 @@ def test_no_side_effects_on_the_model(batch):
 
 
 def test_maps_are_normalised_and_flat_maps_are_zero():
-    maps = normalise(torch.stack([torch.zeros(5, 5), torch.full((5, 5), 3.0), torch.arange(25.0).reshape(5, 5)]))
+    maps = normalise(
+        torch.stack([torch.zeros(5, 5), torch.full((5, 5), 3.0), torch.arange(25.0).reshape(5, 5)])
+    )
     assert torch.isfinite(maps).all()
     assert maps[0].eq(0).all() and maps[1].eq(0).all()
     assert maps[2].min() == 0 and maps[2].max() == 1
@@ -140,17 +146,21 @@ def test_a_cam_one_block_earlier_equals_the_peer_on_that_layer(arch, depth):
     targets = [1, 0, 1]
     ours = compute_cam(model, images, method="gradcam", target=targets, depth=depth)
     with GradCAM(model=model, target_layers=[model.features[-1 - depth]]) as cam:
-        peer = torch.from_numpy(cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets]))
+        peer = torch.from_numpy(
+            cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets])
+        )
     assert (ours - peer).abs().max() <= 1e-4
     view = at_depth(model, depth)
     with torch.no_grad():
         torch.testing.assert_close(view(images), model(images))  # the same function, shared weights
-        assert view.features(images).shape[-1] == model.features(images).shape[-1] * 2 ** depth
+        assert view.features(images).shape[-1] == model.features(images).shape[-1] * 2**depth
     assert all(p is q for p, q in zip(view.parameters(), model.parameters()))
 
 
 def test_an_impossible_cam_depth_names_the_range():
     model = build_model("tinyvgg", image_size=SIZE)
-    with pytest.raises(ValueError, match="out of range: this model has 2 feature blocks, so use 0 to 1"):
+    with pytest.raises(
+        ValueError, match="out of range: this model has 2 feature blocks, so use 0 to 1"
+    ):
         compute_cam(model, torch.randn(1, 1, SIZE, SIZE), depth=2)
     assert at_depth(model, 0) is model

@@ -23,12 +23,24 @@ def test_kaggle_config_has_the_original_recipe():
     assert (cfg.data.image_size, cfg.data.crop_fraction) == (224, 0.75)
     assert (cfg.model.arch, cfg.model.unfreeze, cfg.model.pretrained) == ("resnet101", 1, True)
     assert (cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay) == ("radam", 1e-4, 1e-3)
-    assert (cfg.train.scheduler, cfg.train.epochs, cfg.train.early_stopping_patience) == ("cosine", 20, 5)
+    assert (cfg.train.scheduler, cfg.train.epochs, cfg.train.early_stopping_patience) == (
+        "cosine",
+        20,
+        5,
+    )
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["train.lr=3e-4", "model.unfreeze=2", "cycles.archs=[resnet18, vgg16]",
-                             "train.augment.enabled=false", "data.root=/data/chest_xray"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=3e-4",
+            "model.unfreeze=2",
+            "cycles.archs=[resnet18, vgg16]",
+            "train.augment.enabled=false",
+            "data.root=/data/chest_xray",
+        ],
+    )
     assert cfg.train.lr == 3e-4
     assert cfg.model.unfreeze == 2
     assert cfg.cycles.archs == ["resnet18", "vgg16"]
@@ -68,9 +80,14 @@ def test_bad_choice_names_the_key_and_allowed_values():
 
 @pytest.mark.parametrize(
     "override, key",
-    [("train.lr=-1", "train.lr"), ("data.crop_fraction=1.5", "data.crop_fraction"),
-     ("model.unfreeze=-2", "model.unfreeze"), ("cycles.archs=[resnet18, alexnet]", "cycles.archs.1"),
-     ("enhance.mode=blur", "enhance.mode"), ("train.epochs=ten", "train.epochs")],
+    [
+        ("train.lr=-1", "train.lr"),
+        ("data.crop_fraction=1.5", "data.crop_fraction"),
+        ("model.unfreeze=-2", "model.unfreeze"),
+        ("cycles.archs=[resnet18, alexnet]", "cycles.archs.1"),
+        ("enhance.mode=blur", "enhance.mode"),
+        ("train.epochs=ten", "train.epochs"),
+    ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

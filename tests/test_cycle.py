@@ -11,19 +11,40 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = [sys.executable, str(ROOT / "jobs" / "cycle.py"), "--config", str(ROOT / "configs" / "smoke.yaml")]
+JOB = [
+    sys.executable,
+    str(ROOT / "jobs" / "cycle.py"),
+    "--config",
+    str(ROOT / "configs" / "smoke.yaml"),
+]
 
 
 def _run(args, cwd, timeout=600, env=None):
-    return subprocess.run(JOB + args, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        JOB + args,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cycle")
     db = out / "mlflow.db"
-    proc = _run(["--set", f"output_dir={out}", "--set", f"tracking.uri=sqlite:///{db}", "--run-name", "smoke"], out)
+    proc = _run(
+        [
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            f"tracking.uri=sqlite:///{db}",
+            "--run-name",
+            "smoke",
+        ],
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, db, proc
 
@@ -46,26 +67,58 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("job") == "cycle")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children) == [("0", "tinyvgg"), ("1", "tinyvgg")]
+    assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children) == [
+        ("0", "tinyvgg"),
+        ("1", "tinyvgg"),
+    ]
     for child in children:
         m = child.data.metrics
-        for name in ("test_accuracy", "test_cf_accuracy", "val_accuracy", "test_auc", "lung_energy_share",
-                     "lesion_pointing_game", "confounder_energy_share", "lung_energy_share_ci_low"):
+        for name in (
+            "test_accuracy",
+            "test_cf_accuracy",
+            "val_accuracy",
+            "test_auc",
+            "lung_energy_share",
+            "lesion_pointing_game",
+            "confounder_energy_share",
+            "lung_energy_share_ci_low",
+        ):
             assert name in m, name
-        assert len(client.get_metric_history(child.info.run_id, "train_loss")) >= 1  # per-epoch curve
+        assert (
+            len(client.get_metric_history(child.info.run_id, "train_loss")) >= 1
+        )  # per-epoch curve
         assert child.data.params["model.arch"] == "tinyvgg"
         pictures = {a.path for a in client.list_artifacts(child.info.run_id, "pictures")}
         assert "pictures/cam_grid.png" in pictures and "pictures/confusion_test_cf.png" in pictures
         if child.data.tags["cycle"] == "1":
-            assert "pictures/cam_before_after.png" in pictures and "pictures/samples.png" in pictures
-            assert {a.path for a in client.list_artifacts(child.info.run_id, "shards")} == {"shards/manifest.json"}
+            assert (
+                "pictures/cam_before_after.png" in pictures and "pictures/samples.png" in pictures
+            )
+            assert {a.path for a in client.list_artifacts(child.info.run_id, "shards")} == {
+                "shards/manifest.json"
+            }
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"report.md", "config.yaml", "records.json", "cycle_curves.png"} <= top  # MLflow 3 keeps models apart
+    assert {
+        "report.md",
+        "config.yaml",
+        "records.json",
+        "cycle_curves.png",
+    } <= top  # MLflow 3 keeps models apart
     version = client.get_model_version_by_alias("cycle-classifier", "best")
     assert version.run_id == parent.info.run_id
 
     # Resuming the finished run reopens its MLflow run and registers no new version.
-    again = _run(["--set", f"output_dir={out}", "--set", f"tracking.uri=sqlite:///{db}", "--resume", "smoke"], out)
+    again = _run(
+        [
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            f"tracking.uri=sqlite:///{db}",
+            "--resume",
+            "smoke",
+        ],
+        out,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     versions = client.search_model_versions("name='cycle-classifier'")
     assert [v.version for v in versions] == [version.version]
@@ -81,28 +134,61 @@ def test_the_default_shape_runs_from_another_folder_with_a_relative_output_dir(s
     out, _, _ = smoke_run
     elsewhere = tmp_path / "somewhere"
     elsewhere.mkdir()
-    proc = _run(["--set", "output_dir=rel/out", "--set", "resources.num_workers=1",
-                 "--set", "cycles.archs=[tinyvgg,resnet18]", "--set", "tracking.enabled=false",
-                 "--set", f"data.phantom.out_dir={out / 'phantoms'}",
-                 "--set", f"lungseg.weights={next((out / 'lungseg').glob('*/best.pt'))}", "--run-name", "shape"],
-                elsewhere)
+    proc = _run(
+        [
+            "--set",
+            "output_dir=rel/out",
+            "--set",
+            "resources.num_workers=1",
+            "--set",
+            "cycles.archs=[tinyvgg,resnet18]",
+            "--set",
+            "tracking.enabled=false",
+            "--set",
+            f"data.phantom.out_dir={out / 'phantoms'}",
+            "--set",
+            f"lungseg.weights={next((out / 'lungseg').glob('*/best.pt'))}",
+            "--run-name",
+            "shape",
+        ],
+        elsewhere,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| tinyvgg | 1 |" in proc.stdout and "| resnet18 | 1 |" in proc.stdout
     assert "training tinyvgg, resnet18 side by side" in proc.stderr
     assert (elsewhere / "rel" / "out" / "shape" / "report.md").is_file()
-    assert (elsewhere / "rel" / "out" / "shape" / "cycle_1" / "resnet18" / "shards" / "data" / "manifest.json").is_file()
+    assert (
+        elsewhere
+        / "rel"
+        / "out"
+        / "shape"
+        / "cycle_1"
+        / "resnet18"
+        / "shards"
+        / "data"
+        / "manifest.json"
+    ).is_file()
 
 
 def _numbers(results: dict) -> dict:
-    return {(arch, k, key): v for arch, cycles in results.items() for k, m in enumerate(cycles)
-            for key, v in m.items() if isinstance(v, (int, float))}
+    return {
+        (arch, k, key): v
+        for arch, cycles in results.items()
+        for k, m in enumerate(cycles)
+        for key, v in m.items()
+        if isinstance(v, (int, float))
+    }
 
 
 def _epochs_run(run_dir: Path) -> dict[str, list[int]]:
     """Epochs executed per training stage, from the append-only log (history.json is rebuilt
     from the checkpoint, so it cannot tell a resume from a restart)."""
-    return {str(log.parent.relative_to(run_dir)): [int(line.split()[0]) for line in log.read_text().split("\n") if line]
-            for log in sorted(run_dir.glob("cycle_*/*/train/epochs.log"))}
+    return {
+        str(log.parent.relative_to(run_dir)): [
+            int(line.split()[0]) for line in log.read_text().split("\n") if line
+        ]
+        for log in sorted(run_dir.glob("cycle_*/*/train/epochs.log"))
+    }
 
 
 # Where the job is killed: a shard file written (the build unfinished), mid-epoch (the 7th step:
@@ -120,8 +206,16 @@ def test_a_job_killed_anywhere_resumes_to_the_uninterrupted_answer(smoke_run, tm
     out, _, _ = smoke_run
     lung_model = next((out / "lungseg").glob("*/best.pt"))
     db = tmp_path / "mlflow.db"
-    common = ["--set", f"output_dir={tmp_path}", "--set", f"data.phantom.out_dir={out / 'phantoms'}",
-              "--set", f"lungseg.weights={lung_model}", "--set", f"tracking.uri=sqlite:///{db}"]
+    common = [
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        f"data.phantom.out_dir={out / 'phantoms'}",
+        "--set",
+        f"lungseg.weights={lung_model}",
+        "--set",
+        f"tracking.uri=sqlite:///{db}",
+    ]
     killed = _run(common + ["--run-name", "killed"], tmp_path, env={"CYCLE_KILL_AT": point})
     assert killed.returncode == -signal.SIGKILL, f"{point} never reached:\n" + killed.stderr[-3000:]
 
@@ -154,6 +248,7 @@ def test_a_job_killed_anywhere_resumes_to_the_uninterrupted_answer(smoke_run, tm
 def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict) -> None:
     """Truncated outputs of finished stages (and a damaged shard file and records.json) make those
     stages redo themselves with a message, never a traceback, to the same answer."""
+
     def truncate(path: Path) -> None:
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
@@ -162,7 +257,9 @@ def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict)
     truncate(run_dir / "cycle_0" / "tinyvgg" / "train" / "best.pt")
     truncate(next((run_dir / "cycle_1" / "tinyvgg" / "shards" / "data").glob("*.parquet")))
     truncate(run_dir / "cycle_1" / "tinyvgg" / "train" / "last.pt")
-    (run_dir / "cycle_1" / "tinyvgg" / "train" / "DONE").unlink()  # an unfinished stage with a broken last.pt
+    (
+        run_dir / "cycle_1" / "tinyvgg" / "train" / "DONE"
+    ).unlink()  # an unfinished stage with a broken last.pt
     proc = _run(common + ["--resume", run_dir.name], run_dir.parent)
     said = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in said, said[-4000:]
@@ -186,14 +283,30 @@ def test_an_mlflow_server_that_dies_mid_run_loses_nothing(smoke_run, tmp_path):
     root, server_log = tmp_path / "mlflow-server", tmp_path / "mlflow.log"
     server = start_mlflow_server(root, port, server_log)
     uri = f"http://127.0.0.1:{port}"
-    common = ["--set", f"output_dir={tmp_path}", "--set", f"data.phantom.out_dir={out / 'phantoms'}",
-              "--set", f"lungseg.weights={next((out / 'lungseg').glob('*/best.pt'))}", "--set", f"tracking.uri={uri}"]
+    common = [
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        f"data.phantom.out_dir={out / 'phantoms'}",
+        "--set",
+        f"lungseg.weights={next((out / 'lungseg').glob('*/best.pt'))}",
+        "--set",
+        f"tracking.uri={uri}",
+    ]
     try:
-        job = subprocess.Popen(JOB + common + ["--run-name", "outage"], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        job = subprocess.Popen(
+            JOB + common + ["--run-name", "outage"],
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         logged = tmp_path / "outage" / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json"
         deadline = time.time() + 400
-        while not (logged.is_file() and json.loads(logged.read_text())["complete"]) and time.time() < deadline:
+        while (
+            not (logged.is_file() and json.loads(logged.read_text())["complete"])
+            and time.time() < deadline
+        ):
             assert job.poll() is None, job.communicate()[1][-3000:]
             time.sleep(0.2)
         stop(server)  # the baseline is logged; cycle 1 is not
@@ -246,10 +359,16 @@ def test_a_run_with_another_config_is_refused_in_seconds(tmp_path, how):
     from cycle.config import load_config
     from cycle.run_config import record_run_config
 
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"output_dir={tmp_path}"]).with_absolute_paths()
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml", [f"output_dir={tmp_path}"]
+    ).with_absolute_paths()
     record_run_config(tmp_path / "earlier", cfg)
     started = time.time()
-    proc = _run(["--set", f"output_dir={tmp_path}", "--set", "train.lr=0.5", how, "earlier"], tmp_path, timeout=60)
+    proc = _run(
+        ["--set", f"output_dir={tmp_path}", "--set", "train.lr=0.5", how, "earlier"],
+        tmp_path,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "was made with another config" in proc.stderr and "train.lr: 0.001 -> 0.5" in proc.stderr
     assert time.time() - started < 30
@@ -257,7 +376,11 @@ def test_a_run_with_another_config_is_refused_in_seconds(tmp_path, how):
 
 def test_real_data_without_a_lung_model_fails_fast(tmp_path):
     (tmp_path / "chest_xray" / "train").mkdir(parents=True)
-    proc = _run(["--set", f"output_dir={tmp_path}", "--set", f"data.root={tmp_path / 'chest_xray'}"], tmp_path, timeout=60)
+    proc = _run(
+        ["--set", f"output_dir={tmp_path}", "--set", f"data.root={tmp_path / 'chest_xray'}"],
+        tmp_path,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "train_lungseg.py" in proc.stderr
 
 
@@ -265,14 +388,36 @@ def test_real_data_without_a_lung_model_fails_fast(tmp_path):
 def test_the_cycle_runs_without_ray_or_mlflow_in_process(tmp_path):
     """A single GPU box without Ray: in-process training and shards, tracking off. `import ray`
     and `import mlflow` are made to fail, so any hidden dependency shows."""
-    blocker = ("import runpy, sys; sys.modules['ray'] = None; sys.modules['mlflow'] = None; "
-               f"sys.argv = sys.argv[1:]; sys.path.insert(0, {str(ROOT / 'jobs')!r}); "
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    blocker = (
+        "import runpy, sys; sys.modules['ray'] = None; sys.modules['mlflow'] = None; "
+        f"sys.argv = sys.argv[1:]; sys.path.insert(0, {str(ROOT / 'jobs')!r}); "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", blocker, str(ROOT / "jobs" / "cycle.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
-         "--set", f"output_dir={tmp_path}", "--set", "tracking.enabled=false", "--set", "resources.num_workers=0",
-         "--inprocess-shards", "--run-name", "noray"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        [
+            sys.executable,
+            "-c",
+            blocker,
+            str(ROOT / "jobs" / "cycle.py"),
+            "--config",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            "tracking.enabled=false",
+            "--set",
+            "resources.num_workers=0",
+            "--inprocess-shards",
+            "--run-name",
+            "noray",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| tinyvgg | 1 |" in proc.stdout
-    assert (tmp_path / "noray" / "cycle_1" / "tinyvgg" / "shards" / "data" / "manifest.json").is_file()
+    assert (
+        tmp_path / "noray" / "cycle_1" / "tinyvgg" / "shards" / "data" / "manifest.json"
+    ).is_file()

@@ -21,7 +21,10 @@ def test_cluster_yaml_passes_rays_schema_with_a_cpu_only_head_and_gpu_workers_fr
     assert nodes[raw["head_node_type"]]["resources"] == {"CPU": 0}
     workers = [n for name, n in nodes.items() if name != raw["head_node_type"]]
     assert workers and all(n["min_workers"] == 0 for n in workers)
-    assert any(n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for n in workers)
+    assert any(
+        n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        for n in workers
+    )
     assert raw["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
     options = " ".join(raw["docker"]["run_options"])
     assert "RAY_AUTH_MODE=token" in options and "CYCLE_STORAGE_PATH=" in options
@@ -30,7 +33,9 @@ def test_cluster_yaml_passes_rays_schema_with_a_cpu_only_head_and_gpu_workers_fr
     assert "--dashboard-host=127.0.0.1" in head and "mlflow server --host 127.0.0.1" in head
 
 
-@pytest.mark.parametrize("name, job", [("rayjob.yaml", "jobs/cycle.py"), ("rayjob-sweep.yaml", "jobs/sweep.py")])
+@pytest.mark.parametrize(
+    "name, job", [("rayjob.yaml", "jobs/cycle.py"), ("rayjob-sweep.yaml", "jobs/sweep.py")]
+)
 def test_kuberay_jobs_parse_and_name_a_real_entrypoint_with_valid_arguments(name, job):
     doc = yaml.safe_load((ROOT / "k8s" / name).read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"

@@ -28,7 +28,9 @@ def test_highlight_brightens_only_where_the_cam_is_inside_the_lungs():
     cams[:, 0:3, 0:3] = 1.0  # evidence outside the lungs: must be ignored
     out, _ = overlay(images, cams, lungs, 0.8, "highlight", dilate_px=0)
     assert (out[:, 12:16, 6:10] > images[:, 12:16, 6:10] + 0.1).all()
-    np.testing.assert_allclose(out[:, 0:3, 0:3], images[:, 0:3, 0:3], atol=1e-2)  # only the feathered edge
+    np.testing.assert_allclose(
+        out[:, 0:3, 0:3], images[:, 0:3, 0:3], atol=1e-2
+    )  # only the feathered edge
     assert out.max() <= 1.0
 
 
@@ -44,7 +46,9 @@ def test_suppress_dims_outside_the_lungs_toward_black():
 def test_context_swap_keeps_lungs_and_takes_context_from_another_image():
     images, cams, lungs = _batch(n=5)
     images[:, 0:4, :] = np.arange(5, dtype=np.float32)[:, None, None] / 10  # a per-image "tag"
-    out, donors = overlay(images, cams, lungs, 1.0, "context_swap", np.random.default_rng(3), dilate_px=0)
+    out, donors = overlay(
+        images, cams, lungs, 1.0, "context_swap", np.random.default_rng(3), dilate_px=0
+    )
     assert (donors != np.arange(5)).all() and sorted(donors) == list(range(5))
     for i, j in enumerate(donors):
         np.testing.assert_allclose(out[i, 0:2], images[j, 0:2], atol=1e-3)  # context from j
@@ -69,7 +73,9 @@ def test_trust_rule_and_fallbacks():
     assert kept.trusted.tolist() == [True, False] and kept.keep.all()
     np.testing.assert_allclose(kept.images[1], images[1], atol=1e-6)
 
-    lung_only = enhance_batch(images, cams, lungs, "highlight", 0.8, 0.5, "lung_only", rng, dilate_px=0)
+    lung_only = enhance_batch(
+        images, cams, lungs, "highlight", 0.8, 0.5, "lung_only", rng, dilate_px=0
+    )
     assert lung_only.images[1][28:].max() < 1e-2 and lung_only.images[1][14, 8] > 0.2
 
     dropped = enhance_batch(images, cams, lungs, "highlight", 0.8, 0.5, "drop", rng, dilate_px=0)
@@ -79,7 +85,9 @@ def test_trust_rule_and_fallbacks():
 def test_flat_cam_is_untrusted_and_nan_safe():
     images, cams, lungs = _batch(n=2)
     cams[:] = 0
-    result = enhance_batch(images, cams, lungs, "context_swap", 1.0, 0.3, "original", np.random.default_rng(0))
+    result = enhance_batch(
+        images, cams, lungs, "context_swap", 1.0, 0.3, "original", np.random.default_rng(0)
+    )
     assert not result.trusted.any() and np.isnan(result.lung_share).all()
     assert np.isfinite(result.images).all()
 
@@ -98,4 +106,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="strength"):
         overlay(images, cams, lungs, 1.5, "highlight")
     with pytest.raises(ValueError, match="fallback"):
-        enhance_batch(images, cams, lungs, "highlight", 0.5, 0.5, "ignore", np.random.default_rng(0))
+        enhance_batch(
+            images, cams, lungs, "highlight", 0.5, 0.5, "ignore", np.random.default_rng(0)
+        )

@@ -20,7 +20,11 @@ from cycle.report import evidence_table
 def test_variants_change_only_the_enhancement_and_the_seed():
     cfg = Config()
     control = variant_config(cfg, 7, "control")
-    assert control.seed == 7 and control.enhance.strength == 0.0 and control.enhance.mode == cfg.enhance.mode
+    assert (
+        control.seed == 7
+        and control.enhance.strength == 0.0
+        and control.enhance.mode == cfg.enhance.mode
+    )
     assert variant_config(cfg, 1, "highlight").enhance.mode == "highlight"
     assert variant_config(cfg, 1, "highlight").train == cfg.train
     with pytest.raises(ValueError, match="unknown variant 'sharpen'"):
@@ -43,23 +47,37 @@ def test_paired_bootstrap_interval_widens_with_seed_disagreement_and_skips_nan()
     assert c1 == pytest.approx(0.1) and c2 == pytest.approx(0.1)
     assert hi2 - lo2 > hi1 - lo1 + 0.1
     with_nan = [np.array([np.nan, 0.0, 0.0])]
-    assert paired_bootstrap(with_nan, [np.array([5.0, 1.0, 1.0])], n_boot=50)[0] == pytest.approx(1.0)
+    assert paired_bootstrap(with_nan, [np.array([5.0, 1.0, 1.0])], n_boot=50)[0] == pytest.approx(
+        1.0
+    )
     assert np.isnan(paired_bootstrap([np.array([np.nan])], [np.array([1.0])])[0])
 
 
 def _fake_run(root: Path, arch: str, cycles: dict[int, dict]) -> None:
-    """cycles: k -> {"correct": per-film 0/1 on test, "cf": on test_cf, "pointing": per-film values}."""
+    """cycles: k -> {"correct": per-film 0/1 on test, "cf": on test_cf, "pointing": per-film
+    values}."""
     paths = [f"/data/test/f{i}.png" for i in range(4)]
     for k, v in cycles.items():
-        train, evaluate = root / f"cycle_{k}" / arch / "train", root / f"cycle_{k}" / arch / "evaluate"
+        train, evaluate = (
+            root / f"cycle_{k}" / arch / "train",
+            root / f"cycle_{k}" / arch / "evaluate",
+        )
         train.mkdir(parents=True)
         evaluate.mkdir(parents=True)
         for split, key in (("test", "correct"), ("test_cf", "cf")):
             # label 1 everywhere: a correct film has probability 0.9, a wrong one 0.1
-            rows = [f"{p.replace('test', split)},1,{0.9 if c else 0.1}" for p, c in zip(paths, v[key])]
-            (train / f"predictions_{split}.csv").write_text("path,label,prob_pneumonia\n" + "\n".join(rows) + "\n")
-        np.savez(evaluate / "per_image.npz", paths=np.array(paths), lesion_pointing_game=np.array(v["pointing"]),
-                 lung_energy_share=np.full(4, 0.2 + 0.1 * k))
+            rows = [
+                f"{p.replace('test', split)},1,{0.9 if c else 0.1}" for p, c in zip(paths, v[key])
+            ]
+            (train / f"predictions_{split}.csv").write_text(
+                "path,label,prob_pneumonia\n" + "\n".join(rows) + "\n"
+            )
+        np.savez(
+            evaluate / "per_image.npz",
+            paths=np.array(paths),
+            lesion_pointing_game=np.array(v["pointing"]),
+            lung_energy_share=np.full(4, 0.2 + 0.1 * k),
+        )
         (evaluate / "DONE").write_text("{}")
 
 
@@ -67,14 +85,21 @@ def test_collect_reads_baseline_and_last_cycle_per_seed(tmp_path):
     base = {"correct": [1, 1, 1, 0], "cf": [0, 0, 1, 0], "pointing": [0.0, np.nan, 1.0, 0.0]}
     last = {"correct": [1, 1, 1, 1], "cf": [1, 1, 1, 0], "pointing": [1.0, np.nan, 1.0, 0.0]}
     for seed in (0, 1):
-        _fake_run(tmp_path / run_name("ev", seed, "context_swap"), "resnet18", {0: base, 1: base, 2: last})
+        _fake_run(
+            tmp_path / run_name("ev", seed, "context_swap"), "resnet18", {0: base, 1: base, 2: last}
+        )
     table = collect(tmp_path, "ev", [0, 1, 2], ["context_swap", "control"], ["resnet18"])
     row = table["resnet18"]["context_swap"]
     assert "control" not in table["resnet18"]  # no finished runs: left out, not zero
-    assert row["test_accuracy"]["baseline"] == pytest.approx(0.75) and row["test_accuracy"]["last"] == 1.0
+    assert (
+        row["test_accuracy"]["baseline"] == pytest.approx(0.75)
+        and row["test_accuracy"]["last"] == 1.0
+    )
     assert row["test_cf_accuracy"]["change"] == pytest.approx(0.5)
     assert row["lesion_pointing_game"]["change"] == pytest.approx(1 / 3)
-    assert row["lung_energy_share"]["change"] == pytest.approx(0.2)  # cycle 2 is the last, not cycle 1
+    assert row["lung_energy_share"]["change"] == pytest.approx(
+        0.2
+    )  # cycle 2 is the last, not cycle 1
     assert row["test_accuracy"]["seeds"] == [0, 1]
     text = evidence_table(table)
     assert "| resnet18 | context_swap | 2 |" in text and "0.250 → 0.750 (+0.500" in text
@@ -89,5 +114,7 @@ def test_share_baseline_copies_a_finished_cycle_zero_once(tmp_path):
     target.mkdir()
     share_baseline(source, target)
     assert (target / "cycle_0" / "tinyvgg" / "evaluate" / "DONE").is_file()
-    assert not (target / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json").exists()  # logged anew
+    assert not (
+        target / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json"
+    ).exists()  # logged anew
     assert (target / "records.json").is_file() and not list(target.glob("*.partial"))

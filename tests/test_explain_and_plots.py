@@ -39,7 +39,9 @@ def test_explain_job_on_a_mixed_folder_with_a_broken_file(tmp_path, checkpoint):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (300, 220), dtype=np.uint8)).save(folder / "gray.jpeg")
     Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(folder / "rgb.JPG")
-    Image.fromarray(rng.integers(0, 255, (90, 90), dtype=np.uint8)).save(folder / "sub" / "small.png")
+    Image.fromarray(rng.integers(0, 255, (90, 90), dtype=np.uint8)).save(
+        folder / "sub" / "small.png"
+    )
     Image.fromarray((rng.integers(0, 4000, (64, 80))).astype(np.uint16)).save(folder / "deep16.png")
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff not really")
     (folder / ".hidden.png").write_bytes(b"")
@@ -48,13 +50,30 @@ def test_explain_job_on_a_mixed_folder_with_a_broken_file(tmp_path, checkpoint):
 
     save_lung_model(tmp_path / "unet.pt", build_unet(), image_size=32)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "explain.py"), "--model", str(checkpoint), str(folder),
-         str(tmp_path / "missing.png"), "--out", str(out), "--lung-model", str(tmp_path / "unet.pt")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "explain.py"),
+            "--model",
+            str(checkpoint),
+            str(folder),
+            str(tmp_path / "missing.png"),
+            "--out",
+            str(out),
+            "--lung-model",
+            str(tmp_path / "unet.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert sorted(Path(r["path"]).name for r in rows) == ["deep16.png", "gray.jpeg", "rgb.JPG", "small.png"]
+    assert sorted(Path(r["path"]).name for r in rows) == [
+        "deep16.png",
+        "gray.jpeg",
+        "rgb.JPG",
+        "small.png",
+    ]
     for row in rows:
         assert row["predicted"] in ("NORMAL", "PNEUMONIA")
         assert 0.5 <= float(row["probability"]) <= 1.0
@@ -62,7 +81,8 @@ def test_explain_job_on_a_mixed_folder_with_a_broken_file(tmp_path, checkpoint):
         overlay = cv2.imread(row["overlay"])
         source = Image.open(row["path"])
         assert overlay is not None and overlay.shape[1] / overlay.shape[0] == pytest.approx(
-            source.size[0] / source.size[1], rel=0.02)
+            source.size[0] / source.size[1], rel=0.02
+        )
     assert "broken.jpeg" in proc.stderr and "missing.png" in proc.stderr
     skipped = (out / "skipped.csv").read_text()
     assert "broken.jpeg" in skipped and "no such file" in skipped
@@ -70,8 +90,20 @@ def test_explain_job_on_a_mixed_folder_with_a_broken_file(tmp_path, checkpoint):
 
 def test_explain_job_with_a_bad_checkpoint(tmp_path):
     torch.save({"weights": 1}, tmp_path / "x.pt")
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "explain.py"), "--model", str(tmp_path / "x.pt"),
-                           str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "explain.py"),
+            "--model",
+            str(tmp_path / "x.pt"),
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "meta" in proc.stderr
 
 
@@ -95,11 +127,16 @@ def test_pictures_are_written(tmp_path):
     images, cams = rng.random((6, 32, 32)), rng.random((6, 32, 32))
     probs, labels = np.array([0.95, 0.2, 0.6, 0.05, 0.7, 0.4]), np.array([1, 0, 0, 0, 1, 1])
     assert _is_png(plots.cam_grid(images, cams, probs, labels, tmp_path / "grid.png", title="t"))
-    assert _is_png(plots.before_after_grid(images[:3], cams[:3], cams[3:], tmp_path / "ba.png", labels[:3],
-                                           lungs=images[:3] > 0.5))
+    assert _is_png(
+        plots.before_after_grid(
+            images[:3], cams[:3], cams[3:], tmp_path / "ba.png", labels[:3], lungs=images[:3] > 0.5
+        )
+    )
     assert _is_png(plots.confusion_matrix_plot([[5, 1], [2, 7]], tmp_path / "cm.png", title="test"))
-    per_cycle = {"tinyvgg": [{"acc": 0.9, "acc_ci_low": 0.85, "acc_ci_high": 0.95}, {"acc": 0.92}],
-                 "resnet18": [{"acc": 0.8}, {"acc": 0.85}]}
+    per_cycle = {
+        "tinyvgg": [{"acc": 0.9, "acc_ci_low": 0.85, "acc_ci_high": 0.95}, {"acc": 0.92}],
+        "resnet18": [{"acc": 0.8}, {"acc": 0.85}],
+    }
     assert _is_png(plots.cycle_curves(per_cycle, ["acc"], tmp_path / "curves.png"))
     assert not list(tmp_path.glob(".*.tmp"))
 

@@ -62,8 +62,13 @@ def test_batch_of_torch_maps():
     lungs = torch.zeros(5, 16, 16, dtype=torch.bool)
     lungs[:, 4:12, 2:14] = True
     values = localization_metrics(cams, lungs, lesions=lungs, confounders=~lungs)
-    assert set(values) == {"lung_energy_share", "lung_enrichment", "lesion_pointing_game",
-                           "lesion_energy_share", "confounder_energy_share"}
+    assert set(values) == {
+        "lung_energy_share",
+        "lung_enrichment",
+        "lesion_pointing_game",
+        "lesion_energy_share",
+        "confounder_energy_share",
+    }
     assert all(v.shape == (5,) for v in values.values())
     np.testing.assert_allclose(values["lung_energy_share"] + values["confounder_energy_share"], 1.0)
 
@@ -77,4 +82,8 @@ def test_bootstrap_interval_covers_the_mean_and_skips_nan():
     assert 0.55 < low and high < 0.65
     assert all(math.isnan(x) for x in bootstrap_ci([np.nan]))
     flat = flat_summary({"lung_energy_share": values})
-    assert set(flat) == {"lung_energy_share", "lung_energy_share_ci_low", "lung_energy_share_ci_high"}
+    assert set(flat) == {
+        "lung_energy_share",
+        "lung_energy_share_ci_low",
+        "lung_energy_share_ci_high",
+    }

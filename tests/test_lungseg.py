@@ -43,7 +43,9 @@ def test_montgomery_masks_are_merged_and_unmatched_films_skipped(tmp_path):
     _save(root / "ManualMask" / "leftMask" / "MCUCXR_0009_0.png", left)
     layout, pairs, skipped = find_pairs(root)
     assert layout == "montgomery" and len(pairs) == 3
-    assert [(Path(s.path).name, s.reason) for s in skipped] == [("MCUCXR_0009_0.png", "no right lung mask")]
+    assert [(Path(s.path).name, s.reason) for s in skipped] == [
+        ("MCUCXR_0009_0.png", "no right lung mask")
+    ]
     _, mask = load_pair(pairs[0])
     np.testing.assert_array_equal(mask, (left > 0) | (right > 0))
     assert {p.split for p in pairs} == {"train", "val", "test"}
@@ -60,7 +62,10 @@ def test_shenzhen_style_pairs_match_by_stem(tmp_path):
     _save(root / "masks" / "CHNCXR_0200_1_mask.png", left)
     layout, pairs, skipped = find_pairs(root)
     assert layout == "pairs" and len(pairs) == 4
-    assert sorted(s.reason for s in skipped) == ["mask without an image", "no mask with this file name"]
+    assert sorted(s.reason for s in skipped) == [
+        "mask without an image",
+        "no mask with this file name",
+    ]
 
 
 def test_jsrt_raw_film_with_scr_masks_of_another_size(tmp_path):
@@ -123,8 +128,10 @@ def test_predict_returns_masks_of_each_films_size():
     torch.manual_seed(0)
     model = build_unet()
     model.image_size = 32
-    films = [np.random.default_rng(i).integers(0, 255, shape, dtype=np.uint8) for i, shape in
-             enumerate([(100, 80), (300, 260), (32, 32)])]
+    films = [
+        np.random.default_rng(i).integers(0, 255, shape, dtype=np.uint8)
+        for i, shape in enumerate([(100, 80), (300, 260), (32, 32)])
+    ]
     masks = predict(model, films, batch_size=2)
     assert [m.shape for m in masks] == [(100, 80), (300, 260), (32, 32)]
     assert all(m.dtype == bool for m in masks)
@@ -140,8 +147,17 @@ def test_dice_iou():
 
 
 def _small_cfg(tmp_path, *more):
-    return load_config(None, [f"output_dir={tmp_path}", "lungseg.image_size=32", "lungseg.epochs=2",
-                              "lungseg.batch_size=8", "tracking.enabled=false", *more])
+    return load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "lungseg.image_size=32",
+            "lungseg.epochs=2",
+            "lungseg.batch_size=8",
+            "tracking.enabled=false",
+            *more,
+        ],
+    )
 
 
 def test_training_resumes_after_a_crash(tmp_path, phantom_root, monkeypatch):
@@ -183,9 +199,17 @@ def test_real_data_without_a_lung_model_refuses_with_instructions(tmp_path):
 
 
 def test_phantom_lung_model_is_trained_once_and_reused(tmp_path, phantom_root):
-    cfg = _small_cfg(tmp_path, f"data.phantom.out_dir={phantom_root.parent}", "lungseg.epochs=1",
-                     "data.phantom.size=96", "data.phantom.seed=5", "data.phantom.n_train=48",
-                     "data.phantom.n_val=8", "data.phantom.n_test=16", "data.phantom.n_test_cf=16")
+    cfg = _small_cfg(
+        tmp_path,
+        f"data.phantom.out_dir={phantom_root.parent}",
+        "lungseg.epochs=1",
+        "data.phantom.size=96",
+        "data.phantom.seed=5",
+        "data.phantom.n_train=48",
+        "data.phantom.n_val=8",
+        "data.phantom.n_test=16",
+        "data.phantom.n_test_cf=16",
+    )
     lines = []
     first = ensure_lung_model(cfg, log=lines.append)
     assert first.is_file() and any("training one" in line for line in lines)
@@ -196,10 +220,26 @@ def test_phantom_lung_model_is_trained_once_and_reused(tmp_path, phantom_root):
 def test_train_lungseg_job_logs_to_mlflow(tmp_path, phantom_root):
     db = tmp_path / "mlflow.db"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train_lungseg.py"), "--data", str(phantom_root.parent),
-         "--set", f"output_dir={tmp_path}", "--set", "lungseg.image_size=32", "--set", "lungseg.epochs=1",
-         "--set", f"tracking.uri=sqlite:///{db}", "--run-name", "tiny"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "train_lungseg.py"),
+            "--data",
+            str(phantom_root.parent),
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            "lungseg.image_size=32",
+            "--set",
+            "lungseg.epochs=1",
+            "--set",
+            f"tracking.uri=sqlite:///{db}",
+            "--run-name",
+            "tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test Dice" in proc.stdout

@@ -36,7 +36,11 @@ def test_metrics_are_over_images_not_batches():
 def test_prefixed_names_follow_the_design():
     m = classification_metrics(np.array([0, 1]), np.array([0.2, 0.8]), np.array([0.1, 0.1]))
     assert set(prefixed(m, "test_cf")) == {
-        "test_cf_loss", "test_cf_accuracy", "test_cf_sensitivity", "test_cf_specificity", "test_cf_auc"
+        "test_cf_loss",
+        "test_cf_accuracy",
+        "test_cf_sensitivity",
+        "test_cf_specificity",
+        "test_cf_auc",
     }
 
 

@@ -34,7 +34,9 @@ def test_forward_and_features_head_contract(models, arch):
     assert model.cam_method in ("gradcam", "hirescam")
 
 
-@pytest.mark.parametrize("arch, blocks", [("tinyvgg", 2), ("vgg16", 5), ("resnet18", 5), ("resnet50", 5)])
+@pytest.mark.parametrize(
+    "arch, blocks", [("tinyvgg", 2), ("vgg16", 5), ("resnet18", 5), ("resnet50", 5)]
+)
 def test_unfreeze_trains_the_trailing_blocks_and_the_head(arch, blocks):
     model = build_model(arch, image_size=SIZE, unfreeze=1)
     assert model.num_blocks == blocks
@@ -80,7 +82,9 @@ def test_first_conv_is_the_sum_of_the_rgb_filters(tmp_path):
     gray = build_model("resnet18", image_size=SIZE, weights_path=tmp_path / "rgb.pt").eval()
     x = torch.rand(2, 1, SIZE, SIZE)
     with torch.no_grad():
-        torch.testing.assert_close(gray.features(x), nn.Sequential(*list(rgb.children())[:-2])(x.repeat(1, 3, 1, 1)))
+        torch.testing.assert_close(
+            gray.features(x), nn.Sequential(*list(rgb.children())[:-2])(x.repeat(1, 3, 1, 1))
+        )
 
 
 def test_weights_path_round_trip(tmp_path):

@@ -18,8 +18,10 @@ def test_every_public_name_resolves_to_the_object_in_its_module():
 
 
 def test_import_cycle_loads_no_torch_ray_or_mlflow():
-    code = ("import sys, cycle; cycle.Config; "
-            "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
+    code = (
+        "import sys, cycle; cycle.Config; "
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

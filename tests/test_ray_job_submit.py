@@ -26,13 +26,28 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def ray_head(tmp_path):
     gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Unix socket paths must stay under 108 bytes
+    temp_dir = tempfile.mkdtemp(
+        prefix="rayjob-", dir="/tmp"
+    )  # Unix socket paths must stay under 108 bytes
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        cwd=tmp_path, env=env, start_new_session=True,
-        stdout=open(tmp_path / "ray_head.log", "w"), stderr=subprocess.STDOUT)
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=open(tmp_path / "ray_head.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(f"http://127.0.0.1:{dashboard}/api/version", head, timeout=180)
         yield f"http://127.0.0.1:{dashboard}", env
@@ -43,20 +58,45 @@ def ray_head(tmp_path):
 
 def _submit(address, env, args, runtime_env=None, timeout=900):
     return subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime_env or {}), "--",
-         "python", "jobs/cycle.py", "--config", "configs/smoke.yaml", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps(runtime_env or {}),
+            "--",
+            "python",
+            "jobs/cycle.py",
+            "--config",
+            "configs/smoke.yaml",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(tmp_path, mlflow_server, ray_head):
+def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(
+    tmp_path, mlflow_server, ray_head
+):
     import mlflow
 
     address, env = ray_head
     out = tmp_path / "out"
     default_shape = ["--set", "resources.num_workers=1", "--set", "cycles.archs=[tinyvgg,resnet18]"]
-    submit = _submit(address, env, [*default_shape, "--set", f"output_dir={out}", "--run-name", "submitted"],
-                     {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
+    submit = _submit(
+        address,
+        env,
+        [*default_shape, "--set", f"output_dir={out}", "--run-name", "submitted"],
+        {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}},
+    )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
     assert "succeeded" in (submit.stdout + submit.stderr).lower()
     assert "| tinyvgg | 1 |" in submit.stdout and "| resnet18 | 0 |" in submit.stdout
@@ -70,20 +110,45 @@ def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(tmp_path, 
     parent = next(r for r in runs if r.data.tags.get("job") == "cycle")
     assert parent.info.status == "FINISHED" and parent.info.run_name == "submitted"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children)[:2] == [("0", "resnet18"),
-                                                                                        ("0", "tinyvgg")]
+    assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children)[:2] == [
+        ("0", "resnet18"),
+        ("0", "tinyvgg"),
+    ]
     assert all("test_accuracy" in r.data.metrics for r in children)
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "cycle_curves.png"}
-    assert client.get_model_version_by_alias("cycle-classifier", "best").run_id == parent.info.run_id
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "report.md",
+        "cycle_curves.png",
+    }
+    assert (
+        client.get_model_version_by_alias("cycle-classifier", "best").run_id == parent.info.run_id
+    )
 
     # A trainer that asks for more CPUs than the cluster has: said and stopped, never a silent wait.
     started = time.time()
-    stalled = _submit(address, env, ["--set", "resources.num_workers=1", "--set", f"resources.cpus_per_worker={cpus + 1}",
-                                     "--set", "resources.stall_timeout_s=15", "--set", f"output_dir={out}",
-                                     "--set", "tracking.enabled=false", "--run-name", "too-big"], timeout=300)
+    stalled = _submit(
+        address,
+        env,
+        [
+            "--set",
+            "resources.num_workers=1",
+            "--set",
+            f"resources.cpus_per_worker={cpus + 1}",
+            "--set",
+            "resources.stall_timeout_s=15",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "tracking.enabled=false",
+            "--run-name",
+            "too-big",
+        ],
+        timeout=300,
+    )
     said = stalled.stdout + stalled.stderr
     # `ray job submit` itself exits 0 for a failed job; the job's own exit code is in its status.
     assert "failed with exit code 3" in said, said[-3000:]
     assert "made no progress for 1" in said, said[-3000:]
-    assert f"it asks for:        {cpus + 1} CPU" in said and f"the cluster has:    {cpus} CPU" in said
+    assert (
+        f"it asks for:        {cpus + 1} CPU" in said and f"the cluster has:    {cpus} CPU" in said
+    )
     assert time.time() - started < 240

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _jpeg_bytes(size=(64, 48), mode="L", color=128) -> bytes:
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
-    arr = rng.integers(0, 255, size=(size[1], size[0], 3) if mode == "RGB" else (size[1], size[0]), dtype=np.uint8)
+    arr = rng.integers(
+        0, 255, size=(size[1], size[0], 3) if mode == "RGB" else (size[1], size[0]), dtype=np.uint8
+    )
     Image.fromarray(arr, mode=None).convert(mode).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
@@ -58,7 +60,10 @@ def messy_tree(tmp_path) -> Path:
     for rel, data in good.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    _png(root / "train/PNEUMONIA/person8_virus_1.png", (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    _png(
+        root / "train/PNEUMONIA/person8_virus_1.png",
+        (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16),
+    )
     bad = root / "train" / "PNEUMONIA"
     (bad / "empty.jpeg").write_bytes(b"")
     (bad / "notes.jpeg").write_text("this is not an image")
@@ -77,11 +82,19 @@ def messy_tree(tmp_path) -> Path:
 def test_scan_keeps_good_images_and_skips_each_bad_one_with_its_reason(messy_tree):
     result = scan(messy_tree, max_pixels=100_000)
     kept = sorted(Path(r.path).name for r in result.records)
-    assert kept == sorted([
-        "IM-0115-0001.jpeg", "IM-0115-0002.JPG", "NORMAL2-IM-1440-0001.jpeg",
-        "person1946_bacteria_4874.jpeg", "person1946_bacteria_4875.jpeg", "IM-0200-0001.jpeg",
-        "person7_virus_12.jpeg", "IM-0300-0001.jpeg", "person8_virus_1.png",
-    ])
+    assert kept == sorted(
+        [
+            "IM-0115-0001.jpeg",
+            "IM-0115-0002.JPG",
+            "NORMAL2-IM-1440-0001.jpeg",
+            "person1946_bacteria_4874.jpeg",
+            "person1946_bacteria_4875.jpeg",
+            "IM-0200-0001.jpeg",
+            "person7_virus_12.jpeg",
+            "IM-0300-0001.jpeg",
+            "person8_virus_1.png",
+        ]
+    )
     reasons = {Path(s.path).name: s.reason for s in result.skipped}
     assert reasons["empty.jpeg"].startswith("empty file")
     assert reasons["notes.jpeg"] == "not a decodable image"
@@ -165,9 +178,14 @@ def test_scan_cache_remembers_verdicts(messy_tree, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "name, patient",
-    [("person1946_bacteria_4874.jpeg", "PERSON1946"), ("person1_virus_6.jpeg", "PERSON1"),
-     ("IM-0115-0001.jpeg", "IM-0115"), ("NORMAL2-IM-1440-0001.jpeg", "NORMAL2-IM-1440"),
-     ("im-0115-0002.JPG", "IM-0115"), ("scan_2024.png", "SCAN_2024")],
+    [
+        ("person1946_bacteria_4874.jpeg", "PERSON1946"),
+        ("person1_virus_6.jpeg", "PERSON1"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-1440-0001.jpeg", "NORMAL2-IM-1440"),
+        ("im-0115-0002.JPG", "IM-0115"),
+        ("scan_2024.png", "SCAN_2024"),
+    ],
 )
 def test_patient_ids_from_kermany_names(name, patient):
     assert patient_id(name) == patient
@@ -212,7 +230,11 @@ def test_patient_split_is_deterministic_per_seed():
 
 
 def test_patient_overlap_is_reported():
-    records = [Record("a", 0, "train", "P1"), Record("b", 0, "test", "P1"), Record("c", 1, "test", "P2")]
+    records = [
+        Record("a", 0, "train", "P1"),
+        Record("b", 0, "test", "P1"),
+        Record("c", 1, "test", "P2"),
+    ]
     assert patient_overlap(records) == {"train/test": 1}
 
 
@@ -224,11 +246,14 @@ def _zip(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def test_zip_is_extracted_and_nested_root_found(tmp_path):
-    archive = _zip(tmp_path / "archive.zip", {
-        "chest_xray/chest_xray/train/NORMAL/IM-0001-0001.jpeg": _jpeg_bytes(),
-        "chest_xray/chest_xray/test/PNEUMONIA/person1_virus_1.jpeg": _jpeg_bytes(),
-        "chest_xray/__MACOSX/chest_xray/._x": b"junk",
-    })
+    archive = _zip(
+        tmp_path / "archive.zip",
+        {
+            "chest_xray/chest_xray/train/NORMAL/IM-0001-0001.jpeg": _jpeg_bytes(),
+            "chest_xray/chest_xray/test/PNEUMONIA/person1_virus_1.jpeg": _jpeg_bytes(),
+            "chest_xray/__MACOSX/chest_xray/._x": b"junk",
+        },
+    )
     out = extract_zip(archive, tmp_path / "extract", max_bytes=10**7)
     root = find_dataset_root(out)
     assert root.name == "chest_xray" and (root / "train").is_dir()
@@ -237,7 +262,9 @@ def test_zip_is_extracted_and_nested_root_found(tmp_path):
 
 @pytest.mark.parametrize("evil", ["../evil.jpeg", "chest_xray/../../evil.jpeg", "/etc/evil.jpeg"])
 def test_zip_refuses_paths_outside_the_target(tmp_path, evil):
-    archive = _zip(tmp_path / "bad.zip", {"chest_xray/train/NORMAL/a.jpeg": _jpeg_bytes(), evil: b"x"})
+    archive = _zip(
+        tmp_path / "bad.zip", {"chest_xray/train/NORMAL/a.jpeg": _jpeg_bytes(), evil: b"x"}
+    )
     with pytest.raises(DataError, match="outside the target"):
         extract_zip(archive, tmp_path / "extract", max_bytes=10**7)
     assert not (tmp_path / "evil.jpeg").exists()
@@ -248,7 +275,7 @@ def test_zip_refuses_symlinks(tmp_path):
     archive = tmp_path / "link.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         info = zipfile.ZipInfo("chest_xray/train/NORMAL/link.jpeg")
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(DataError, match="symbolic link"):
         extract_zip(archive, tmp_path / "extract", max_bytes=10**7)
@@ -261,11 +288,18 @@ def test_zip_size_cap(tmp_path):
 
 
 def test_load_dataset_from_zip(tmp_path):
-    archive = _zip(tmp_path / "archive.zip", {
-        f"chest_xray/train/{c}/{n}": _jpeg_bytes()
-        for c, n in [("NORMAL", "IM-0001-0001.jpeg"), ("NORMAL", "IM-0002-0001.jpeg"),
-                     ("PNEUMONIA", "person1_virus_1.jpeg"), ("PNEUMONIA", "person2_virus_2.jpeg")]
-    })
+    archive = _zip(
+        tmp_path / "archive.zip",
+        {
+            f"chest_xray/train/{c}/{n}": _jpeg_bytes()
+            for c, n in [
+                ("NORMAL", "IM-0001-0001.jpeg"),
+                ("NORMAL", "IM-0002-0001.jpeg"),
+                ("PNEUMONIA", "person1_virus_1.jpeg"),
+                ("PNEUMONIA", "person2_virus_2.jpeg"),
+            ]
+        },
+    )
     result = load_dataset(archive, val_fraction=0.3, seed=0, cache_dir=tmp_path / "cache")
     assert len(result.records) == 4
     assert {r.split for r in result.records} == {"train", "val"}
@@ -282,8 +316,12 @@ def test_load_dataset_with_no_usable_image_fails_clearly(tmp_path):
 
 
 def _inspect(*args):
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "inspect_data.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "inspect_data.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_inspect_data_json_reports_splits_and_skips(messy_tree):
@@ -291,7 +329,9 @@ def test_inspect_data_json_reports_splits_and_skips(messy_tree):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert set(report["splits"]) <= {"train", "val", "test"}
-    assert sum(sum(c.values()) for c in report["splits"].values()) == 10  # huge.png is fine at the default limit
+    assert (
+        sum(sum(c.values()) for c in report["splits"].values()) == 10
+    )  # huge.png is fine at the default limit
     assert {"path", "reason"} <= set(report["skipped"][0])
     assert len(report["skipped"]) == 5
 

@@ -23,8 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_path_in_the_config_becomes_absolute(tmp_path):
-    cfg = load_config(overrides=["data.root=films", "data.phantom.out_dir=ph", "model.weights_path=w.pt",
-                                 "lungseg.weights=~/lung.pt", "resources.storage_path=s3://bucket/x"])
+    cfg = load_config(
+        overrides=[
+            "data.root=films",
+            "data.phantom.out_dir=ph",
+            "model.weights_path=w.pt",
+            "lungseg.weights=~/lung.pt",
+            "resources.storage_path=s3://bucket/x",
+        ]
+    )
     out = cfg.with_absolute_paths(tmp_path)
     assert out.output_dir == str(tmp_path / "outputs")
     assert out.data.root == str(tmp_path / "films")
@@ -35,18 +42,22 @@ def test_every_path_in_the_config_becomes_absolute(tmp_path):
     assert out.with_absolute_paths("/elsewhere") == out  # idempotent
 
 
-@pytest.mark.parametrize("cluster, expect", [
-    # A 2-CPU `ray start --head`: one actor, one CPU left for the read/decode tasks.
-    ({"CPU": 2.0}, (1, 1.0, 1.0)),
-    # The local Ray's 4 declared CPUs: 3 actors + the tasks' CPU.
-    ({"CPU": 4.0}, (3, 1.0, 1.0)),
-    # A 64-CPU node: at most 8 actors, more threads each.
-    ({"CPU": 64.0}, (8, 7.0, 1.0)),
-    # One CPU: halves, so both kinds of work can be scheduled.
-    ({"CPU": 1.0}, (1, 0.5, 0.5)),
-    # A head with 0 CPUs and workers that scale from zero: one actor, the autoscaler adds a node.
-    ({"CPU": 0.0}, (1, 1.0, 1.0)),
-])
+@pytest.mark.parametrize(
+    "cluster, expect",
+    [
+        # A 2-CPU `ray start --head`: one actor, one CPU left for the read/decode tasks.
+        ({"CPU": 2.0}, (1, 1.0, 1.0)),
+        # The local Ray's 4 declared CPUs: 3 actors + the tasks' CPU.
+        ({"CPU": 4.0}, (3, 1.0, 1.0)),
+        # A 64-CPU node: at most 8 actors, more threads each.
+        ({"CPU": 64.0}, (8, 7.0, 1.0)),
+        # One CPU: halves, so both kinds of work can be scheduled.
+        ({"CPU": 1.0}, (1, 0.5, 0.5)),
+        # A head with 0 CPUs and workers that scale from zero: one actor, the autoscaler adds a
+        # node.
+        ({"CPU": 0.0}, (1, 1.0, 1.0)),
+    ],
+)
 def test_shard_pool_never_takes_every_cpu(cluster, expect):
     pool = plan_shard_pool(cluster)
     assert (pool.actors, pool.cpus_per_actor, pool.task_cpus) == expect
@@ -57,7 +68,9 @@ def test_shard_pool_never_takes_every_cpu(cluster, expect):
 def test_shard_pool_on_gpus_and_with_a_cap():
     pool = plan_shard_pool({"CPU": 16.0, "GPU": 2.0}, gpus_per_actor=0.5)
     assert pool.actors == 4 and pool.gpus_per_actor == 0.5
-    assert plan_shard_pool({"CPU": 16.0}, gpus_per_actor=0.5).gpus_per_actor == 0.0  # no GPU: none asked
+    assert (
+        plan_shard_pool({"CPU": 16.0}, gpus_per_actor=0.5).gpus_per_actor == 0.0
+    )  # no GPU: none asked
     assert plan_shard_pool({"CPU": 16.0}, wanted=2).actors == 2
 
 
@@ -65,12 +78,18 @@ def test_trainer_request_and_the_waiting_message():
     request = trainer_request(2, 1.0, 1.0, use_gpu=True)
     assert request == {"CPU": 2.0, "GPU": 2.0}
     message = waiting_message("training x", 61, request, {"CPU": 2.0}, {"CPU": 0.0}, "add GPUs")
-    assert "2 CPU, 2 GPU" in message and "2 CPU in all, 0 CPU free" in message and "add GPUs" in message
+    assert (
+        "2 CPU, 2 GPU" in message
+        and "2 CPU in all, 0 CPU free" in message
+        and "add GPUs" in message
+    )
 
 
 def test_watchdog_names_the_stall_and_stops_only_when_stalled():
     fired = []
-    with Watchdog("x", 0.3, describe=lambda waited: f"waited {waited:.1f}", on_stall=fired.append, poll_s=0.05) as dog:
+    with Watchdog(
+        "x", 0.3, describe=lambda waited: f"waited {waited:.1f}", on_stall=fired.append, poll_s=0.05
+    ) as dog:
         for _ in range(8):  # beating: no stall
             time.sleep(0.1)
             dog.beat()
@@ -79,15 +98,20 @@ def test_watchdog_names_the_stall_and_stops_only_when_stalled():
     assert len(fired) == 1 and fired[0].startswith("waited")
 
     vetoed = []
-    with Watchdog("y", 0.2, describe=str, stalled=lambda: False, on_stall=vetoed.append, poll_s=0.05):
+    with Watchdog(
+        "y", 0.2, describe=str, stalled=lambda: False, on_stall=vetoed.append, poll_s=0.05
+    ):
         time.sleep(0.5)  # no beats, but the veto says it is working (e.g. a long epoch)
     assert not vetoed
 
 
 def test_watchdog_default_ends_the_process_with_the_message():
-    code = (f"import time, sys; sys.path.insert(0, {str(ROOT)!r}); from cycle.watchdog import Watchdog\n"
-            "with Watchdog('s', 0.2, describe=lambda w: 'the stage waits for 3 CPU', poll_s=0.05):\n"
-            "    time.sleep(30)\n")
+    code = (
+        f"import time, sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "from cycle.watchdog import Watchdog\n"
+        "with Watchdog('s', 0.2, describe=lambda w: 'the stage waits for 3 CPU', poll_s=0.05):\n"
+        "    time.sleep(30)\n"
+    )
     started = time.time()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and "error: the stage waits for 3 CPU" in proc.stderr
@@ -99,24 +123,37 @@ def test_a_run_folder_refuses_another_config(tmp_path):
     record_run_config(tmp_path, cfg)
     check_run_config(tmp_path, cfg)  # the same: fine
     # Where and how it runs may change between the first run and a resume.
-    check_run_config(tmp_path, load_config(overrides=["resources.num_workers=0", "tracking.enabled=false",
-                                                      "output_dir=/else"]))
+    check_run_config(
+        tmp_path,
+        load_config(
+            overrides=["resources.num_workers=0", "tracking.enabled=false", "output_dir=/else"]
+        ),
+    )
     changed = load_config(overrides=["train.lr=0.01", "cycles.archs=[resnet18]"])
     with pytest.raises(RunConfigMismatch) as err:
         check_run_config(tmp_path, changed)
     assert "train.lr: 0.001 -> 0.01" in str(err.value) and "cycles.archs" in str(err.value)
     assert "--resume" in str(err.value) and "--run-name" in str(err.value)
-    assert changed_keys(cfg, changed) == ["cycles.archs: ['tinyvgg', 'resnet18'] -> ['resnet18']",
-                                          "train.lr: 0.001 -> 0.01"]
+    assert changed_keys(cfg, changed) == [
+        "cycles.archs: ['tinyvgg', 'resnet18'] -> ['resnet18']",
+        "train.lr: 0.001 -> 0.01",
+    ]
 
 
 def test_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     folder = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c",
-                               f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from cycle.io import folder_lock\n"
-                               f"with folder_lock({str(folder)!r}, 'run', wait=False):\n"
-                               "    print('held', flush=True); time.sleep(60)\n"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
+            "from cycle.io import folder_lock\n"
+            f"with folder_lock({str(folder)!r}, 'run', wait=False):\n"
+            "    print('held', flush=True); time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockHeld, match=f"in use by process {holder.pid}"):
@@ -163,10 +200,19 @@ def test_inference_does_not_depend_on_how_many_films_come_together():
 
 def test_relative_output_dir_is_resolved_by_the_jobs(tmp_path):
     """What a Train worker receives: absolute paths, from the folder the job was started in."""
-    code = ("import sys; sys.path.insert(0, {!r}); import _common, argparse\n"
-            "p = _common.config_arguments(argparse.ArgumentParser())\n"
-            "print(_common.config_from(p.parse_args(['--set', 'output_dir=rel/out'])).output_dir)\n".format(str(ROOT / "jobs")))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
-                          env={**os.environ, "PYTHONPATH": ""})
+    code = (
+        "import sys; sys.path.insert(0, {!r}); import _common, argparse\n"
+        "p = _common.config_arguments(argparse.ArgumentParser())\n"
+        "print(_common.config_from(p.parse_args(['--set', 'output_dir=rel/out']))"
+        ".output_dir)\n".format(str(ROOT / "jobs"))
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path.resolve() / "rel" / "out")

@@ -23,8 +23,16 @@ def setup(tmp_path_factory, phantom_root):
     tree = tmp / "chest_xray"
     shutil.copytree(phantom_root / "train", tree / "train")
     (tree / "train" / "NORMAL" / "IM-999999-0001.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    cfg = load_config(None, [f"output_dir={tmp}", "data.image_size=48", "enhance.mode=highlight",
-                             "enhance.strength=0.7", "cam.batch_size=16"])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp}",
+            "data.image_size=48",
+            "enhance.mode=highlight",
+            "enhance.strength=0.7",
+            "cam.batch_size=16",
+        ],
+    )
     torch.manual_seed(0)
     classifier = save_classifier(tmp / "clf.pt", build_model("tinyvgg", image_size=48), cfg)
     unet = build_unet()
@@ -33,7 +41,9 @@ def setup(tmp_path_factory, phantom_root):
     # scan() skipped the broken file; the shard build must meet it too, so add it back as a record
     from cycle.data.records import Record
 
-    records.append(Record(str(tree / "train" / "NORMAL" / "IM-999999-0001.png"), 0, "train", "IM-999999"))
+    records.append(
+        Record(str(tree / "train" / "NORMAL" / "IM-999999-0001.png"), 0, "train", "IM-999999")
+    )
     return cfg, records, classifier, tmp / "unet.pt", tmp
 
 
@@ -47,7 +57,10 @@ def test_build_counts_add_up_skips_bad_files_and_reruns_as_a_no_op(setup, ray_se
     assert sum(s["ok_rows"] for s in manifest["shards"]) == counts["written"]
     stamp = (out / "manifest.json").stat().st_mtime_ns
     lines = []
-    assert build_shards(cfg, records, clf, unet, out, log=lines.append)["build_key"] == manifest["build_key"]
+    assert (
+        build_shards(cfg, records, clf, unet, out, log=lines.append)["build_key"]
+        == manifest["build_key"]
+    )
     assert (out / "manifest.json").stat().st_mtime_ns == stamp and "nothing to do" in lines[0]
 
 
@@ -80,8 +93,11 @@ def test_shards_read_back_equal_the_enhanced_images(setup, ray_session):
     ds = read_shards_ray(out)
     batch = next(iter(ds.iter_batches(batch_size=8, batch_format="numpy")))
     assert batch["image"].shape[1:] == (55, 55) and batch["image"].dtype == np.uint8
-    # The in-process writer (used inside Tune trials) writes the same rows and the same manifest counts.
-    manifest = build_shards(cfg, records, clf, unet, tmp / "inprocess", inprocess=True, log=lambda *_: None)
+    # The in-process writer (used inside Tune trials) writes the same rows and the same manifest
+    # counts.
+    manifest = build_shards(
+        cfg, records, clf, unet, tmp / "inprocess", inprocess=True, log=lambda *_: None
+    )
     assert manifest["counts"] == read_manifest(out)["counts"]
     same_records, same_films, _ = load_shards(tmp / "inprocess")
     by_path = dict(zip((r.path for r in same_records), same_films))
@@ -89,7 +105,9 @@ def test_shards_read_back_equal_the_enhanced_images(setup, ray_session):
         np.testing.assert_array_equal(by_path[record.path], film)
 
 
-def test_interrupted_build_leaves_nothing_readable_and_a_rerun_completes(setup, ray_session, monkeypatch):
+def test_interrupted_build_leaves_nothing_readable_and_a_rerun_completes(
+    setup, ray_session, monkeypatch
+):
     cfg, records, clf, unet, tmp = setup
     out = tmp / "interrupted"
 
@@ -125,13 +143,24 @@ def test_context_swap_shards_do_not_depend_on_batching(setup, ray_session):
     from cycle.config import load_config
     from cycle.data.shards import decode_png
 
-    swap = load_config(None, [f"output_dir={tmp}", "data.image_size=48", "enhance.mode=context_swap",
-                              "enhance.strength=1.0"])
+    swap = load_config(
+        None,
+        [
+            f"output_dir={tmp}",
+            "data.image_size=48",
+            "enhance.mode=context_swap",
+            "enhance.strength=1.0",
+        ],
+    )
     build_shards(swap, records, clf, unet, tmp / "swap", batch_size=8, log=lambda *_: None)
     shard_records, films, stats = load_shards(tmp / "swap")
     worker = EnhanceWorker.from_config(str(clf), str(unet), swap)
-    reference = {p: png for b in enhance_inprocess(swap, records, worker, batch_size=13)
-                 for p, png, s in zip(b["path"], b["image"], b["status"]) if s == "ok"}
+    reference = {
+        p: png
+        for b in enhance_inprocess(swap, records, worker, batch_size=13)
+        for p, png, s in zip(b["path"], b["image"], b["status"])
+        if s == "ok"
+    }
     for record, film, stat in zip(shard_records, films, stats):
         np.testing.assert_array_equal(film, decode_png(reference[record.path]))
         assert stat["donor"] != record.path

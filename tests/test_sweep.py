@@ -14,29 +14,45 @@ import pytest
 from cycle.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = [sys.executable, str(ROOT / "jobs" / "sweep.py"), "--space", str(ROOT / "tune_spaces" / "smoke.yaml"),
-       "--config", str(ROOT / "configs" / "smoke.yaml")]
+JOB = [
+    sys.executable,
+    str(ROOT / "jobs" / "sweep.py"),
+    "--space",
+    str(ROOT / "tune_spaces" / "smoke.yaml"),
+    "--config",
+    str(ROOT / "configs" / "smoke.yaml"),
+]
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _args(out: Path) -> list[str]:
-    return ["--set", f"output_dir={out}", "--set", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
-            "--set", "sweep.max_concurrent_trials=2"]
+    return [
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+        "--set",
+        "sweep.max_concurrent_trials=2",
+    ]
 
 
 def _finished_trials(out: Path, name: str) -> dict[str, int]:
     """trial id -> mtime of its last evaluate marker, for trials whose last cycle finished."""
     trials = out / "sweeps" / name / "trials"
-    return {d.name: (d / "cycle_1" / "tinyvgg" / "evaluate" / "DONE").stat().st_mtime_ns
-            for d in (trials.iterdir() if trials.is_dir() else [])
-            if (d / "cycle_1" / "tinyvgg" / "evaluate" / "DONE").is_file()}
+    return {
+        d.name: (d / "cycle_1" / "tinyvgg" / "evaluate" / "DONE").stat().st_mtime_ns
+        for d in (trials.iterdir() if trials.is_dir() else [])
+        if (d / "cycle_1" / "tinyvgg" / "evaluate" / "DONE").is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run(JOB + _args(out) + ["--name", "smoke"], capture_output=True, text=True, timeout=900, cwd=out)
+    proc = subprocess.run(
+        JOB + _args(out) + ["--name", "smoke"], capture_output=True, text=True, timeout=900, cwd=out
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc
 
@@ -55,8 +71,10 @@ def test_smoke_sweep_runs_trials_stops_some_early_and_tracks_them(sweep_run):
     assert "| 1 |" in (sweep_dir / "summary.md").read_text()
     # the best settings: printed as --set flags and written as a config jobs/cycle.py accepts
     best = load_config(sweep_dir / "best_config.yaml")
-    assert [best.train.epochs, best.enhance.strength] == [trials[0]["values"]["train.epochs"],
-                                                      trials[0]["values"]["enhance.strength"]]
+    assert [best.train.epochs, best.enhance.strength] == [
+        trials[0]["values"]["train.epochs"],
+        trials[0]["values"]["enhance.strength"],
+    ]
     assert "best --set   --set train.epochs=" in proc.stdout
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -70,17 +88,30 @@ def test_smoke_sweep_runs_trials_stops_some_early_and_tracks_them(sweep_run):
         assert {"train.epochs", "enhance.strength"} <= set(child.data.params)
         assert "objective" in child.data.metrics and "val_accuracy" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
-    assert {"sweep/summary.md", "sweep/settings_vs_objective.png", "sweep/best_config.yaml"} <= artifacts
+    assert {
+        "sweep/summary.md",
+        "sweep/settings_vs_objective.png",
+        "sweep/best_config.yaml",
+    } <= artifacts
     version = client.get_model_version_by_alias("cycle-classifier", "sweep_best")
     assert version.run_id == parent.info.run_id
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    proc = subprocess.Popen(JOB + _args(tmp_path) + ["--name", "resume"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen(
+        JOB + _args(tmp_path) + ["--name", "resume"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     try:
-        while time.time() < deadline and proc.poll() is None and not _finished_trials(tmp_path, "resume"):
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and not _finished_trials(tmp_path, "resume")
+        ):
             time.sleep(2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
@@ -89,8 +120,13 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert before, "no trial finished before the kill"
     assert not (tmp_path / "sweeps" / "resume" / "trials.json").exists()
 
-    resumed = subprocess.run(JOB + _args(tmp_path) + ["--resume", "resume"], capture_output=True, text=True,
-                             timeout=900, cwd=tmp_path)
+    resumed = subprocess.run(
+        JOB + _args(tmp_path) + ["--resume", "resume"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "resuming" in resumed.stderr
     after = _finished_trials(tmp_path, "resume")

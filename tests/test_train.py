@@ -15,10 +15,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _setup(tmp_path, phantom_root, *overrides):
-    cfg = load_config(None, [
-        f"output_dir={tmp_path}", "model.arch=tinyvgg", "data.image_size=48", "data.crop_fraction=0.875",
-        "train.epochs=3", "train.batch_size=16", "train.early_stopping_patience=10", *overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "model.arch=tinyvgg",
+            "data.image_size=48",
+            "data.crop_fraction=0.875",
+            "train.epochs=3",
+            "train.batch_size=16",
+            "train.early_stopping_patience=10",
+            *overrides,
+        ],
+    )
     scan = load_dataset(phantom_root, val_fraction=0.25, seed=0, cache_dir=tmp_path / "cache")
     records = scan.save(tmp_path / "records.json")
     return cfg, records
@@ -71,7 +80,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, phantom_root
 
 
 def test_early_stopping_keeps_the_weights_chosen_on_val(tmp_path, phantom_root, monkeypatch):
-    cfg, records = _setup(tmp_path, phantom_root, "train.epochs=8", "train.early_stopping_patience=2")
+    cfg, records = _setup(
+        tmp_path, phantom_root, "train.epochs=8", "train.early_stopping_patience=2"
+    )
     # Force a val-loss curve that turns up after epoch 2.
     losses = iter([0.6, 0.5, 0.55, 0.56, 0.57, 0.58, 0.59, 0.6])
     real_evaluate = train_module.split_metrics
@@ -92,15 +103,22 @@ def test_early_stopping_keeps_the_weights_chosen_on_val(tmp_path, phantom_root, 
 
 @pytest.mark.ray
 def test_ray_train_worker_trains_and_checkpoints_to_storage(tmp_path, phantom_root, ray_session):
-    cfg, records = _setup(tmp_path, phantom_root, "train.epochs=1", "resources.num_workers=1",
-                          f"resources.storage_path={tmp_path / 'storage'}")
+    cfg, records = _setup(
+        tmp_path,
+        phantom_root,
+        "train.epochs=1",
+        "resources.num_workers=1",
+        f"resources.storage_path={tmp_path / 'storage'}",
+    )
     metrics = run_training(cfg, records, tmp_path / "run", name="ray-one-worker")
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert list((tmp_path / "storage" / "ray-one-worker").glob("checkpoint_*/last.pt"))
 
 
 @pytest.mark.ray
-def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path, phantom_root, ray_session):
+def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(
+    tmp_path, phantom_root, ray_session
+):
     """FailureConfig(max_failures=1): SIGKILL the worker process after its first epoch; Ray Train
     starts a new worker, which resumes from the last checkpoint instead of starting over."""
     import os
@@ -110,46 +128,74 @@ def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_
 
     from ray.util.state import list_actors
 
-    cfg, records = _setup(tmp_path, phantom_root, "model.arch=resnet18", "train.epochs=6", "resources.num_workers=1",
-                          "resources.max_failures=1", f"resources.storage_path={tmp_path / 'storage'}")
+    cfg, records = _setup(
+        tmp_path,
+        phantom_root,
+        "model.arch=resnet18",
+        "train.epochs=6",
+        "resources.num_workers=1",
+        "resources.max_failures=1",
+        f"resources.storage_path={tmp_path / 'storage'}",
+    )
     run_dir = tmp_path / "run"
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(metrics=run_training(cfg, records, run_dir, "killed")))
+    thread = threading.Thread(
+        target=lambda: outcome.update(metrics=run_training(cfg, records, run_dir, "killed"))
+    )
     thread.start()
     deadline = time.time() + 300
     stored = tmp_path / "storage" / "killed"
     history = run_dir / "history.json"
     # Two epochs done here: Ray has registered epoch 1's checkpoint on storage_path by now (the
     # controller takes reports a moment after the worker writes them).
-    while not (history.is_file() and len(json.loads(history.read_text())) >= 2) and time.time() < deadline \
-            and thread.is_alive():
+    while (
+        not (history.is_file() and len(json.loads(history.read_text())) >= 2)
+        and time.time() < deadline
+        and thread.is_alive()
+    ):
         time.sleep(0.1)
-    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
+    alive = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")])
+        if a.class_name == "RayTrainWorker"
+    ]
     assert len(alive) == 1 and thread.is_alive(), "training ended before the worker could be killed"
     os.kill(alive[0].pid, signal.SIGKILL)
     # The node's own disk is lost with it: only Ray's copy on storage_path can bring the run back.
     (run_dir / LAST).unlink()
     thread.join(timeout=600)
     assert "metrics" in outcome  # fit() succeeded after the restart
-    assert [row["epoch"] for row in json.loads(history.read_text())] == list(range(1, 7))  # none lost
+    assert [row["epoch"] for row in json.loads(history.read_text())] == list(
+        range(1, 7)
+    )  # none lost
     started = json.loads((run_dir / STARTED).read_text())
     assert started["resume_source"] == "Ray storage checkpoint", started
-    assert str(started["resumed_from"]).startswith(str(stored)) or not str(started["resumed_from"]).startswith(
-        str(run_dir))
+    assert str(started["resumed_from"]).startswith(str(stored)) or not str(
+        started["resumed_from"]
+    ).startswith(str(run_dir))
     # Resumed, not restarted: after the kill, epochs ran from the checkpoint's epoch on, once each.
     resumed_after = started["resumed_after_epoch"]
     assert 1 <= resumed_after < 6
     executed = _epochs_run(run_dir)
-    assert executed[-(6 - resumed_after):] == list(range(resumed_after + 1, 7))
+    assert executed[-(6 - resumed_after) :] == list(range(resumed_after + 1, 7))
     assert executed.count(1) == 1
 
 
 @pytest.mark.ray
 def test_train_job_runs_the_smoke_config(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
-         "--set", f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "train.py"),
+            "--config",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--set",
+            f"output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test_cf" in proc.stdout and "accuracy" in proc.stdout
@@ -158,7 +204,11 @@ def test_train_job_runs_the_smoke_config(tmp_path):
 
 
 def test_train_job_fails_fast_on_bad_config():
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--set", "train.optimiser=adam"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--set", "train.optimiser=adam"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "train.optimiser: unknown key" in proc.stderr

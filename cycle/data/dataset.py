@@ -91,7 +91,13 @@ class EpochShuffle(Sampler[int]):
     """
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
-        self.n, self.seed, self.rank, self.world_size, self.shuffle = n, seed, rank, world_size, shuffle
+        self.n, self.seed, self.rank, self.world_size, self.shuffle = (
+            n,
+            seed,
+            rank,
+            world_size,
+            shuffle,
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -113,4 +119,3 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._indices())
-

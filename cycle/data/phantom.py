@@ -48,8 +48,13 @@ class PhantomParams:
 
     @classmethod
     def from_config(cls, cfg: PhantomConfig) -> PhantomParams:
-        return cls(size=cfg.size, pneumonia_fraction=cfg.pneumonia_fraction, shortcut=cfg.shortcut,
-                   border_shortcut=cfg.border_shortcut, images_per_patient=cfg.images_per_patient)
+        return cls(
+            size=cfg.size,
+            pneumonia_fraction=cfg.pneumonia_fraction,
+            shortcut=cfg.shortcut,
+            border_shortcut=cfg.border_shortcut,
+            images_per_patient=cfg.images_per_patient,
+        )
 
 
 @dataclass
@@ -82,7 +87,9 @@ def generate(
         params = PhantomParams.from_config(PhantomConfig(**settings))
     elif settings:
         raise TypeError("pass either params or PhantomConfig settings, not both")
-    films = [_film(seed, i, params, counterfactual, patient_offset) for i in range(start, start + n)]
+    films = [
+        _film(seed, i, params, counterfactual, patient_offset) for i in range(start, start + n)
+    ]
     return Phantoms(
         images=np.stack([f["image"] for f in films]),
         lungs=np.stack([f["lungs"] for f in films]),
@@ -99,7 +106,9 @@ def generate(
 # One film
 
 
-def _film(seed: int, index: int, p: PhantomParams, counterfactual: bool, patient_offset: int) -> dict:
+def _film(
+    seed: int, index: int, p: PhantomParams, counterfactual: bool, patient_offset: int
+) -> dict:
     """One film and its truth. The random draws happen in a fixed order (patient, cues, pose,
     body, lesion, exposure, edge, stamps): a film depends only on (seed, index)."""
     pid = index // p.images_per_patient
@@ -128,18 +137,42 @@ def _film(seed: int, index: int, p: PhantomParams, counterfactual: bool, patient
 
     confounders = np.zeros((s, s), np.uint8)
     if cues["tag"]:
-        cues["tag"] = _stamp(img, confounders, lungs, "A-P", rng, s, x_range=(0.1, 0.3),
-                             y_range=(0.07, 0.12), scale=0.0021)
+        cues["tag"] = _stamp(
+            img,
+            confounders,
+            lungs,
+            "A-P",
+            rng,
+            s,
+            x_range=(0.1, 0.3),
+            y_range=(0.07, 0.12),
+            scale=0.0021,
+        )
     if cues["marker"]:
-        cues["marker"] = _stamp(img, confounders, lungs, "R", rng, s, x_range=(0.05, 0.1),
-                                y_range=(0.18, 0.4), scale=0.0024, boxed=True)
+        cues["marker"] = _stamp(
+            img,
+            confounders,
+            lungs,
+            "R",
+            rng,
+            s,
+            x_range=(0.05, 0.1),
+            y_range=(0.18, 0.4),
+            scale=0.0024,
+            boxed=True,
+        )
     image = np.clip(img * 255.0, 0, 255).astype(np.uint8)
-    truth = {"lungs": lungs.astype(bool), "lesions": lesions, "confounders": confounders.astype(bool)}
+    truth = {
+        "lungs": lungs.astype(bool),
+        "lesions": lesions,
+        "confounders": confounders.astype(bool),
+    }
     return _film_record(image, truth, label, cues, index, patient_offset + pid, patient_rng)
 
 
-def _draw_cues(rng: np.random.Generator, p: PhantomParams, label: int,
-               counterfactual: bool) -> dict:
+def _draw_cues(
+    rng: np.random.Generator, p: PhantomParams, label: int, counterfactual: bool
+) -> dict:
     """The confounders: their link to the label is what a classifier can cheat with (reversed
     in the counterfactual split)."""
     tag_p = p.shortcut if label == 1 else 1.0 - p.shortcut
@@ -167,7 +200,9 @@ class _Pose:
         return np.stack([(u + 1) * 0.5 * s, (v + 1) * 0.5 * s], axis=-1).round().astype(np.int32)
 
 
-def _render_body(anatomy: dict, pose: _Pose, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _render_body(
+    anatomy: dict, pose: _Pose, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Soft tissue, lungs with vascular markings, heart, spine, ribs and clavicles -> (image in
     [0, ~1] before exposure, lung mask as uint8)."""
     s, px = pose.size, pose.px
@@ -215,8 +250,9 @@ def _render_body(anatomy: dict, pose: _Pose, rng: np.random.Generator) -> tuple[
     return img, lungs
 
 
-def _unexposed_edge(img: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, border: float,
-                    rng: np.random.Generator) -> None:
+def _unexposed_edge(
+    img: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, border: float, rng: np.random.Generator
+) -> None:
     """The film's unexposed edge, in place: void, whatever lies beneath; what the film does not
     show is not lung (nor lesion) in the truth."""
     s = img.shape[0]
@@ -228,8 +264,15 @@ def _unexposed_edge(img: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, bor
     lesions &= ~frame
 
 
-def _film_record(image: np.ndarray, truth: dict, label: int, cues: dict, index: int,
-                 patient_number: int, patient_rng: np.random.Generator) -> dict:
+def _film_record(
+    image: np.ndarray,
+    truth: dict,
+    label: int,
+    cues: dict,
+    index: int,
+    patient_number: int,
+    patient_rng: np.random.Generator,
+) -> dict:
     """The film with its truth masks, Kermany-style name, patient and attributes."""
     kind = "bacteria" if patient_rng.random() < 0.65 else "virus"
     if label == 1:
@@ -261,14 +304,31 @@ def _anatomy(rng: np.random.Generator) -> dict:
     nw = rng.uniform(0.14, 0.2)  # neck
     sh = rng.uniform(-0.72, -0.62)  # shoulder line
     body = _poly(
-        [(-nw, -1.1), (nw, -1.1), (nw, sh - 0.12), (sw * 0.8, sh - 0.02), (sw, sh + 0.08),
-         (bw + 0.02, 0.2), (bw - 0.03, 1.1), (-bw + 0.03, 1.1), (-bw - 0.02, 0.2),
-         (-sw, sh + 0.08), (-sw * 0.8, sh - 0.02), (-nw, sh - 0.12)]
+        [
+            (-nw, -1.1),
+            (nw, -1.1),
+            (nw, sh - 0.12),
+            (sw * 0.8, sh - 0.02),
+            (sw, sh + 0.08),
+            (bw + 0.02, 0.2),
+            (bw - 0.03, 1.1),
+            (-bw + 0.03, 1.1),
+            (-bw - 0.02, 0.2),
+            (-sw, sh + 0.08),
+            (-sw * 0.8, sh - 0.02),
+            (-nw, sh - 0.12),
+        ]
     )
     arm_gap = rng.uniform(0.04, 0.1)
     arms = [
-        _poly([(side * (sw + arm_gap), sh + 0.1), (side * (sw + arm_gap + 0.3), sh + 0.05),
-               (side * (sw + arm_gap + 0.3), 1.1), (side * (sw + arm_gap + 0.05), 1.1)])
+        _poly(
+            [
+                (side * (sw + arm_gap), sh + 0.1),
+                (side * (sw + arm_gap + 0.3), sh + 0.05),
+                (side * (sw + arm_gap + 0.3), 1.1),
+                (side * (sw + arm_gap + 0.05), 1.1),
+            ]
+        )
         for side in (-1, 1)
     ]
     top = rng.uniform(-0.64, -0.52)
@@ -277,8 +337,10 @@ def _anatomy(rng: np.random.Generator) -> dict:
         _lung(side, rng, top + rng.uniform(-0.02, 0.02), bottom + (0.04 if side > 0 else 0.0), bw)
         for side in (-1, 1)
     ]
-    heart = ((rng.uniform(0.06, 0.12), bottom - rng.uniform(0.1, 0.16)),
-             (rng.uniform(0.26, 0.32), rng.uniform(0.2, 0.26)))
+    heart = (
+        (rng.uniform(0.06, 0.12), bottom - rng.uniform(0.1, 0.16)),
+        (rng.uniform(0.26, 0.32), rng.uniform(0.2, 0.26)),
+    )
     spine_w = rng.uniform(0.07, 0.1)
     spine = _poly([(-spine_w, -1.1), (spine_w, -1.1), (spine_w, 1.1), (-spine_w, 1.1)])
     ribs = []
@@ -358,7 +420,9 @@ def _opacity(rng: np.random.Generator, lungs: np.ndarray, s: int) -> np.ndarray:
     else:  # lobar: one larger consolidation
         k = rng.choice(pool)
         axes = (int(s * rng.uniform(0.07, 0.12)), int(s * rng.uniform(0.06, 0.1)))
-        cv2.ellipse(canvas, (int(xs[k]), int(ys[k])), axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+        cv2.ellipse(
+            canvas, (int(xs[k]), int(ys[k])), axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1
+        )
         sigma = s * 0.015
     canvas = cv2.GaussianBlur(canvas, (0, 0), sigma)
     texture = 0.55 + 0.45 * _smooth_noise(rng, s, cells=max(6, s // 8))
@@ -366,7 +430,8 @@ def _opacity(rng: np.random.Generator, lungs: np.ndarray, s: int) -> np.ndarray:
 
 
 def _stamp(img, mask, lungs, text, rng, s, x_range, y_range, scale, boxed=False) -> bool:
-    """Burn a bright radiographic text marker into the film, off the lungs; its box goes to `mask`."""
+    """Burn a bright radiographic text marker into the film, off the lungs; its box goes to
+    `mask`."""
     font_scale = s * scale * rng.uniform(0.9, 1.15)
     thickness = max(1, round(s / 170))
     (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
@@ -384,7 +449,9 @@ def _stamp(img, mask, lungs, text, rng, s, x_range, y_range, scale, boxed=False)
         return False
     value = float(rng.uniform(0.9, 1.0))
     layer = np.zeros(mask.shape, np.uint8)  # OpenCV draws text on 8-bit images only
-    cv2.putText(layer, text, (x0, y0), cv2.FONT_HERSHEY_SIMPLEX, font_scale, 255, thickness, cv2.LINE_AA)
+    cv2.putText(
+        layer, text, (x0, y0), cv2.FONT_HERSHEY_SIMPLEX, font_scale, 255, thickness, cv2.LINE_AA
+    )
     if boxed:
         cv2.rectangle(layer, *box, 255, max(1, thickness - 1))
     np.maximum(img, layer.astype(np.float32) * (value / 255.0), out=img)
@@ -416,11 +483,22 @@ class PhantomSpec:
             cfg = PhantomConfig(**settings)
         elif settings:
             cfg = cfg.model_copy(update=settings)
-        return cls(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                   n_test_cf=cfg.n_test_cf, params=PhantomParams.from_config(cfg))
+        return cls(
+            seed=cfg.seed,
+            n_train=cfg.n_train,
+            n_val=cfg.n_val,
+            n_test=cfg.n_test,
+            n_test_cf=cfg.n_test_cf,
+            params=PhantomParams.from_config(cfg),
+        )
 
     def split_sizes(self) -> dict[str, int]:
-        sizes = {"train": self.n_train, "val": self.n_val, "test": self.n_test, "test_cf": self.n_test_cf}
+        sizes = {
+            "train": self.n_train,
+            "val": self.n_val,
+            "test": self.n_test,
+            "test_cf": self.n_test_cf,
+        }
         return {k: v for k, v in sizes.items() if v > 0}
 
     def to_json(self) -> dict:
@@ -434,7 +512,11 @@ def split_seed(seed: int, split: str) -> int:
 def mask_path(image_path: str | Path, kind: str) -> Path:
     """Where the `kind` mask of a phantom film lives: root/masks/kind/split/CLASS/name.png."""
     image_path = Path(image_path)
-    klass, split, root = image_path.parent.name, image_path.parent.parent.name, image_path.parents[2]
+    klass, split, root = (
+        image_path.parent.name,
+        image_path.parent.parent.name,
+        image_path.parents[2],
+    )
     return root / "masks" / kind / split / klass / f"{image_path.stem}.png"
 
 
@@ -468,7 +550,8 @@ def write_dataset(
             return root
         if not force:
             raise FileExistsError(
-                f"{root} holds phantoms made from another spec; pass force=True (--force) to replace it"
+                f"{root} holds phantoms made from another spec; "
+                "pass force=True (--force) to replace it"
             )
     tmp = out_dir / "chest_xray.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -479,7 +562,17 @@ def write_dataset(
     for split, n in spec.split_sizes().items():
         offset = SPLIT_CODES[split] * _PATIENT_OFFSET
         for start in range(0, n, chunk):
-            jobs.append((str(tmp), split, split_seed(spec.seed, split), start, min(chunk, n - start), spec.params, offset))
+            jobs.append(
+                (
+                    str(tmp),
+                    split,
+                    split_seed(spec.seed, split),
+                    start,
+                    min(chunk, n - start),
+                    spec.params,
+                    offset,
+                )
+            )
     rows: list[dict] = []
     workers = workers or os.cpu_count() or 1
     done = 0
@@ -511,8 +604,9 @@ def write_dataset(
 def _write_chunk(job) -> list[dict]:
     tmp, split, seed, start, n, params, offset = job
     cv2.setNumThreads(1)
-    batch = generate(n, seed, params, counterfactual=(split == "test_cf"), start=start,
-                     patient_offset=offset)
+    batch = generate(
+        n, seed, params, counterfactual=(split == "test_cf"), start=start, patient_offset=offset
+    )
     root = Path(tmp)
     rows = []
     png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
@@ -548,15 +642,29 @@ def preview_grid(batch: Phantoms, cols: int = 4, outlines: bool = True) -> np.nd
         pair = [film]
         if outlines:
             truth = film.copy()
-            for mask, colour in ((batch.lungs[i], (80, 220, 80)), (batch.lesions[i], (60, 60, 255)),
-                                 (batch.confounders[i], (255, 160, 40))):
-                contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            for mask, colour in (
+                (batch.lungs[i], (80, 220, 80)),
+                (batch.lesions[i], (60, 60, 255)),
+                (batch.confounders[i], (255, 160, 40)),
+            ):
+                contours, _ = cv2.findContours(
+                    mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+                )
                 cv2.drawContours(truth, contours, -1, colour, 1, cv2.LINE_AA)
             pair.append(truth)
         tile = np.concatenate(pair, axis=1)
         attrs = batch.attributes[i] if batch.attributes else {}
         caption = CLASSES[int(batch.labels[i])] + (" +tag" if attrs.get("tag") else "")
-        cv2.putText(tile, caption, (4, tile.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(
+            tile,
+            caption,
+            (4, tile.shape[0] - 6),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.4,
+            (0, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
         tiles.append(np.pad(tile, ((2, 2), (2, 2), (0, 0))))
     while len(tiles) % cols:
         tiles.append(np.zeros_like(tiles[0]))

@@ -26,8 +26,12 @@ def data_root(cfg: Config, verbose: bool = False) -> Path:
         if verbose and not (out / "chest_xray" / "phantom.json").is_file():
             log(f"generating phantom chest X-rays in {out} ...")
         # A changed phantom spec regenerates the tree: it is derived data, owned by this output dir.
-        return write_dataset(out, PhantomSpec.from_config(cfg.data.phantom), force=True,
-                             progress=report if verbose else None)
+        return write_dataset(
+            out,
+            PhantomSpec.from_config(cfg.data.phantom),
+            force=True,
+            progress=report if verbose else None,
+        )
 
 
 def prepare_records(cfg: Config, verbose: bool = False) -> ScanResult:

@@ -232,7 +232,9 @@ def scan(
                 if label is None:
                     skipped.append(Skipped(str(path), f"unknown class folder {class_dir.name!r}"))
                 elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    skipped.append(Skipped(str(path), f"not an image file (extension {path.suffix!r})"))
+                    skipped.append(
+                        Skipped(str(path), f"not an image file (extension {path.suffix!r})")
+                    )
                 else:
                     candidates.append((path, label, split))
 
@@ -330,9 +332,7 @@ def split_by_patient(records: Sequence[Record], val_fraction: float, seed: int) 
     val_patients: set[str] = set()
     rng = np.random.default_rng(seed)
     for label in range(len(CLASSES)):
-        patients = sorted(
-            p for p, rs in by_patient.items() if _majority_label(rs) == label
-        )
+        patients = sorted(p for p, rs in by_patient.items() if _majority_label(rs) == label)
         target = val_fraction * sum(len(by_patient[p]) for p in patients)
         taken = 0
         for index in rng.permutation(len(patients)):
@@ -406,7 +406,11 @@ def load_dataset(
         progress=report if verbose else None,
     )
     if not result.records:
-        detail = f"; {len(result.skipped)} files skipped (first: {result.skipped[0].reason})" if result.skipped else ""
+        detail = (
+            f"; {len(result.skipped)} files skipped (first: {result.skipped[0].reason})"
+            if result.skipped
+            else ""
+        )
         raise DataError(f"no usable image under {data_root}{detail}")
     result.records = split_by_patient(result.records, val_fraction, seed)
     return result

@@ -49,21 +49,36 @@ def write_manifest(tmp_dir: Path, build_key: str, n_in: int, extra: dict) -> dic
         status = table.column("status").to_pylist()
         statuses.update(status)
         reasons.update(r for s, r in zip(status, table.column("reason").to_pylist()) if s != OK)
-        untrusted += sum(1 for s, t in zip(status, table.column("trusted").to_pylist()) if s == OK and not t)
-        shards.append({"file": path.name, "rows": table.num_rows, "ok_rows": status.count(OK),
-                       "sha256": file_sha256(path)})
+        untrusted += sum(
+            1 for s, t in zip(status, table.column("trusted").to_pylist()) if s == OK and not t
+        )
+        shards.append(
+            {
+                "file": path.name,
+                "rows": table.num_rows,
+                "ok_rows": status.count(OK),
+                "sha256": file_sha256(path),
+            }
+        )
     written = statuses.get(OK, 0)
     skipped = sum(v for k, v in statuses.items() if k != OK)
     manifest = {
         "build_key": build_key,
-        "counts": {"in": n_in, "written": written, "skipped": skipped, "untrusted_written": untrusted,
-                   "by_status": dict(statuses)},
+        "counts": {
+            "in": n_in,
+            "written": written,
+            "skipped": skipped,
+            "untrusted_written": untrusted,
+            "by_status": dict(statuses),
+        },
         "skip_reasons": dict(reasons),
         "shards": shards,
         **extra,
     }
     if written + skipped != n_in:
-        raise ShardError(f"shard rows ({written} written + {skipped} skipped) do not add up to {n_in} inputs")
+        raise ShardError(
+            f"shard rows ({written} written + {skipped} skipped) do not add up to {n_in} inputs"
+        )
     atomic_write_json(tmp_dir / MANIFEST, manifest)
     return manifest
 
@@ -94,7 +109,9 @@ def read_manifest(shard_dir: str | Path, verify: bool = True) -> dict:
         if not file.is_file():
             raise ShardError(f"shard {file} listed in the manifest is missing")
         if verify and file_sha256(file) != shard["sha256"]:
-            raise ShardError(f"shard {file} does not match its manifest checksum (corrupted or changed)")
+            raise ShardError(
+                f"shard {file} does not match its manifest checksum (corrupted or changed)"
+            )
     return manifest
 
 
@@ -110,7 +127,9 @@ def decode_png(data: bytes) -> np.ndarray:
     return image
 
 
-def load_shards(shard_dir: str | Path, verify: bool = True) -> tuple[list[Record], list[np.ndarray], list[dict]]:
+def load_shards(
+    shard_dir: str | Path, verify: bool = True
+) -> tuple[list[Record], list[np.ndarray], list[dict]]:
     """In-process read: (records, enhanced films uint8 R x R, per-row stats) of the ok rows."""
     records, films, stats = [], [], []
     for file in shard_files(shard_dir, verify):
@@ -120,7 +139,12 @@ def load_shards(shard_dir: str | Path, verify: bool = True) -> tuple[list[Record
                 continue
             records.append(Record(row["path"], int(row["label"]), row["split"], row["patient"]))
             films.append(decode_png(row["image"]))
-            stats.append({k: row[k] for k in ("prob_pneumonia", "lung_share", "trusted", "donor", "cam_mean")})
+            stats.append(
+                {
+                    k: row[k]
+                    for k in ("prob_pneumonia", "lung_share", "trusted", "donor", "cam_mean")
+                }
+            )
     # Rows in a fixed order (Ray Data writes shards in whatever order its tasks finish), so the
     # sampler's seeded permutation picks the same films however the build was batched.
     order = sorted(range(len(records)), key=lambda i: (records[i].split, records[i].path))
@@ -136,5 +160,7 @@ def read_shards_ray(shard_dir: str | Path, verify: bool = True):
     def decode(batch: dict) -> dict:
         return {"image": np.stack([decode_png(b) for b in batch["image"]]), "label": batch["label"]}
 
-    ds = ray.data.read_parquet(shard_files(shard_dir, verify)).select_columns(["image", "label", "status"])
+    ds = ray.data.read_parquet(shard_files(shard_dir, verify)).select_columns(
+        ["image", "label", "status"]
+    )
     return ds.filter(expr=col("status") == OK).map_batches(decode, batch_format="numpy")

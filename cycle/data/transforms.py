@@ -48,7 +48,8 @@ def decode_grayscale(data: bytes, max_pixels: int = 60_000_000) -> np.ndarray:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageLoadError(
-                    f"too large: {width}x{height} = {width * height:,} pixels > limit {max_pixels:,}"
+                    f"too large: {width}x{height} = {width * height:,} pixels "
+                    f"> limit {max_pixels:,}"
                 )
             if width < 8 or height < 8:
                 raise ImageLoadError(f"too small: {width}x{height} pixels")
@@ -101,7 +102,8 @@ class Augment:
     def pair(
         self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The same geometry for an image and its mask (nearest neighbour); intensity: image only."""
+        """The same geometry for an image and its mask (nearest neighbour); intensity: image
+        only."""
         h, w = image.shape
         angle = rng.uniform(-self.rotation_deg, self.rotation_deg)
         scale = 1.0 + rng.uniform(-self.scale, self.scale)
@@ -111,7 +113,9 @@ class Augment:
             image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
         ).astype(np.float32)
         if mask is not None:
-            mask = cv2.warpAffine(mask.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST) > 0
+            mask = (
+                cv2.warpAffine(mask.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST) > 0
+            )
         gain = 1.0 + rng.uniform(-self.contrast, self.contrast)
         bias = 255.0 * rng.uniform(-self.brightness, self.brightness)
         mean = warped.mean()

@@ -46,7 +46,9 @@ def load_film(path: str | Path) -> np.ndarray:
         return load_grayscale(path)
     raw = path.read_bytes()
     if len(raw) != JSRT_SIDE * JSRT_SIDE * 2:
-        raise ImageLoadError(f"not a JSRT raw film: {len(raw):,} bytes, expected {JSRT_SIDE * JSRT_SIDE * 2:,}")
+        raise ImageLoadError(
+            f"not a JSRT raw film: {len(raw):,} bytes, expected {JSRT_SIDE * JSRT_SIDE * 2:,}"
+        )
     values = np.frombuffer(raw, dtype=">u2").reshape(JSRT_SIDE, JSRT_SIDE).astype(np.float32)
     # JSRT stores optical density (12 bit): bright bone is a low value, so invert for display.
     return np.round(255.0 * (1.0 - np.clip(values, 0, 4095) / 4095.0)).astype(np.uint8)
@@ -62,7 +64,14 @@ def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         except ImageLoadError as err:
             raise ImageLoadError(f"mask {Path(path).name}: {err.reason}") from None
         if part.shape != film.shape:
-            part = cv2.resize(part.astype(np.uint8), (film.shape[1], film.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+            part = (
+                cv2.resize(
+                    part.astype(np.uint8),
+                    (film.shape[1], film.shape[0]),
+                    interpolation=cv2.INTER_NEAREST,
+                )
+                > 0
+            )
         mask |= part
     return film, mask
 
@@ -86,20 +95,31 @@ def detect_layout(root: str | Path) -> str:
     )
 
 
-def find_pairs(root: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15,
-               seed: int = 0, cache_dir: str | Path | None = None) -> tuple[str, list[Pair], list[Skipped]]:
+def find_pairs(
+    root: str | Path,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> tuple[str, list[Pair], list[Skipped]]:
     root = Path(root)
     layout = detect_layout(root)
     if layout == "phantom":
-        return layout, *_phantom_pairs(root, val_fraction, seed, cache_dir or root.parent / ".cache")
+        return layout, *_phantom_pairs(
+            root, val_fraction, seed, cache_dir or root.parent / ".cache"
+        )
     finder = {"montgomery": _montgomery, "jsrt": _jsrt, "pairs": _stem_pairs}[layout]
     matched, skipped = finder(root)
     if not matched:
-        raise LungDataError(f"no image/mask pairs found under {root} ({layout} layout); {len(skipped)} skipped")
+        raise LungDataError(
+            f"no image/mask pairs found under {root} ({layout} layout); {len(skipped)} skipped"
+        )
     return layout, _assign_splits(matched, val_fraction, test_fraction, seed), skipped
 
 
-def _phantom_pairs(root: Path, val_fraction: float, seed: int, cache_dir) -> tuple[list[Pair], list[Skipped]]:
+def _phantom_pairs(
+    root: Path, val_fraction: float, seed: int, cache_dir
+) -> tuple[list[Pair], list[Skipped]]:
     tree = root / "chest_xray" if (root / "chest_xray").is_dir() else root
     scan = load_dataset(tree, val_fraction, seed, cache_dir)
     pairs, skipped = [], list(scan.skipped)
@@ -118,9 +138,12 @@ def _images_under(folder: Path, exclude: frozenset[Path] = frozenset()) -> dict[
     """Image files under a folder by stem, skipping hidden files and the `exclude` folders."""
     found = {}
     for p in sorted(folder.rglob("*")):
-        if (p.is_file() and not p.name.startswith(".")
-                and (p.suffix.lower() in IMAGE_EXTENSIONS or p.suffix.lower() == ".img")
-                and not any(parent in exclude for parent in p.parents)):
+        if (
+            p.is_file()
+            and not p.name.startswith(".")
+            and (p.suffix.lower() in IMAGE_EXTENSIONS or p.suffix.lower() == ".img")
+            and not any(parent in exclude for parent in p.parents)
+        ):
             found[p.stem] = p
     return found
 
@@ -141,7 +164,9 @@ def _montgomery(root: Path) -> tuple[list[tuple[str, tuple[str, ...]]], list[Ski
     lefts, rights = _images_under(left), _images_under(right)
     pairs, skipped = [], []
     for stem, image in _images_under(images_dir).items():
-        missing = [side for side, found in (("left", lefts), ("right", rights)) if stem not in found]
+        missing = [
+            side for side, found in (("left", lefts), ("right", rights)) if stem not in found
+        ]
         if missing:
             skipped.append(Skipped(str(image), f"no {' and '.join(missing)} lung mask"))
         else:

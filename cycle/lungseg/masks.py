@@ -21,7 +21,8 @@ MEAN, STD = 0.449, 0.226
 
 
 def postprocess(mask: np.ndarray, keep: int = 2, min_fraction: float = 0.002) -> np.ndarray:
-    """Keep the `keep` largest components (each at least `min_fraction` of the image), fill holes."""
+    """Keep the `keep` largest components (each at least `min_fraction` of the image), fill
+    holes."""
     mask = mask.astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:
@@ -44,8 +45,14 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def to_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     """uint8 [H, W] films of any sizes -> normalised [N, 1, size, size]."""
-    batch = [cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR)
-             for img in images]
+    batch = [
+        cv2.resize(
+            img,
+            (size, size),
+            interpolation=cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR,
+        )
+        for img in images
+    ]
     tensor = torch.from_numpy(np.stack(batch)).float().div_(255.0)
     return tensor.sub_(MEAN).div_(STD).unsqueeze(1)
 
@@ -76,7 +83,10 @@ def predict(
             probs = model(x.to(device)).softmax(dim=1)[:, 1].float().cpu().numpy()[: len(chunk)]
             for film, prob in zip(chunk, probs):
                 # Resize the probability, not the hard mask: smooth edges at any scale.
-                full = cv2.resize(prob, (film.shape[1], film.shape[0]), interpolation=cv2.INTER_LINEAR) > 0.5
+                full = (
+                    cv2.resize(prob, (film.shape[1], film.shape[0]), interpolation=cv2.INTER_LINEAR)
+                    > 0.5
+                )
                 masks.append(postprocess(full) if clean else full)
     finally:
         model.train(was_training)
@@ -84,12 +94,19 @@ def predict(
 
 
 def lung_model_meta(image_size: int, channels=DEFAULT_CHANNELS, num_res_units: int = 2) -> dict:
-    return {"kind": "monai_unet", "image_size": image_size, "channels": list(channels), "num_res_units": num_res_units}
+    return {
+        "kind": "monai_unet",
+        "image_size": image_size,
+        "channels": list(channels),
+        "num_res_units": num_res_units,
+    }
 
 
 def save_lung_model(path: str | Path, model: nn.Module, image_size: int, **extra) -> Path:
     """Weights + what `load_lung_model` needs to rebuild the network, written atomically."""
-    return atomic_torch_save(path, {"model": model.state_dict(), "meta": lung_model_meta(image_size), **extra})
+    return atomic_torch_save(
+        path, {"model": model.state_dict(), "meta": lung_model_meta(image_size), **extra}
+    )
 
 
 def load_lung_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -109,7 +126,9 @@ def load_lung_model(path: str | Path, device: str | torch.device = "cpu") -> nn.
 
 def check_size(size: int, channels) -> None:
     if size % size_multiple(channels):
-        raise ValueError(f"lungseg.image_size must be a multiple of {size_multiple(channels)}, got {size}")
+        raise ValueError(
+            f"lungseg.image_size must be a multiple of {size_multiple(channels)}, got {size}"
+        )
 
 
 def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:

@@ -44,7 +44,9 @@ class LungModelMissing(RuntimeError):
     """Real data needs a lung model trained on real lung masks; the message says how."""
 
 
-def load_arrays(pairs: Sequence[Pair], size: int) -> tuple[np.ndarray, np.ndarray, list[Pair], list[Skipped]]:
+def load_arrays(
+    pairs: Sequence[Pair], size: int
+) -> tuple[np.ndarray, np.ndarray, list[Pair], list[Skipped]]:
     """Films and masks resized to size x size (uint8, bool), loaded in parallel threads."""
 
     def one(pair: Pair):
@@ -53,7 +55,9 @@ def load_arrays(pairs: Sequence[Pair], size: int) -> tuple[np.ndarray, np.ndarra
         except ImageLoadError as err:
             return pair, err.reason
         film = cv2.resize(film, (size, size), interpolation=cv2.INTER_AREA)
-        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+        mask = cv2.resize(
+            mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST
+        ).astype(bool)
         return pair, (film, mask)
 
     with ThreadPoolExecutor() as pool:
@@ -88,7 +92,9 @@ def _val_scores(model, films: np.ndarray, masks: np.ndarray, batch: int) -> tupl
     return float(np.mean(dices)), float(np.mean(ious))
 
 
-def train_lungseg(cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, tracker=None, log=print) -> dict:
+def train_lungseg(
+    cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, tracker=None, log=print
+) -> dict:
     """Train (or resume) in `out_dir`; returns the test metrics, also written to metrics.json."""
     from monai.losses import DiceCELoss
 
@@ -122,7 +128,12 @@ def train_lungseg(cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, track
         total = 0.0
         for start in range(0, len(order), lcfg.batch_size):
             idx = order[start : start + lcfg.batch_size]
-            batch = [AUGMENT.pair(train_x[i], train_y[i], np.random.default_rng([cfg.seed, epoch, int(i)])) for i in idx]
+            batch = [
+                AUGMENT.pair(
+                    train_x[i], train_y[i], np.random.default_rng([cfg.seed, epoch, int(i)])
+                )
+                for i in idx
+            ]
             x = _tensor(np.stack([b[0] for b in batch]))
             y = torch.from_numpy(np.stack([b[1] for b in batch])).long().unsqueeze(1)
             loss = loss_fn(model(x), y)
@@ -135,26 +146,40 @@ def train_lungseg(cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, track
         improved = dice > state["best_dice"]
         state["best_dice"] = max(state["best_dice"], dice)
         state["epoch"] = epoch + 1
-        row = {"epoch": epoch + 1, "train_loss": total / len(order), "val_dice": dice, "val_iou": iou,
-               "seconds": time.perf_counter() - started}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / len(order),
+            "val_dice": dice,
+            "val_iou": iou,
+            "seconds": time.perf_counter() - started,
+        }
         state["history"].append(row)
         if improved:
             save_lung_model(out_dir / BEST, model, size, epoch=epoch + 1)
-        save_training_state(out_dir / LAST, model, optimizer, scheduler, state, lung_model_meta(size))
+        save_training_state(
+            out_dir / LAST, model, optimizer, scheduler, state, lung_model_meta(size)
+        )
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        log(f"[lungseg] epoch {epoch + 1}/{lcfg.epochs}  loss {row['train_loss']:.4f}  val_dice {dice:.4f}  "
-            f"val_iou {iou:.4f}  {row['seconds']:.1f}s{' (best)' if improved else ''}")
+        log(
+            f"[lungseg] epoch {epoch + 1}/{lcfg.epochs}  "
+            f"loss {row['train_loss']:.4f}  val_dice {dice:.4f}  "
+            f"val_iou {iou:.4f}  {row['seconds']:.1f}s{' (best)' if improved else ''}"
+        )
 
     metrics = evaluate_lungseg(out_dir / BEST, by_split["test"] or by_split["val"], out_dir)
     metrics["skipped"] = len(skipped)
     atomic_write_json(out_dir / "metrics.json", metrics)
     if skipped:
-        atomic_write_json(out_dir / "skipped.json", [{"path": s.path, "reason": s.reason} for s in skipped])
+        atomic_write_json(
+            out_dir / "skipped.json", [{"path": s.path, "reason": s.reason} for s in skipped]
+        )
     return metrics
 
 
-def evaluate_lungseg(weights: str | Path, pairs: Sequence[Pair], out_dir: str | Path | None = None) -> dict:
+def evaluate_lungseg(
+    weights: str | Path, pairs: Sequence[Pair], out_dir: str | Path | None = None
+) -> dict:
     """Dice and IoU on each film at its own resolution (predict() round trip), with 95% CIs."""
     model = load_lung_model(weights)
     dices, ious, films, truths, preds = [], [], [], [], []
@@ -172,8 +197,15 @@ def evaluate_lungseg(weights: str | Path, pairs: Sequence[Pair], out_dir: str | 
             truths.append(truth)
             preds.append(pred)
     dice, iou = bootstrap_ci(dices), bootstrap_ci(ious)
-    metrics = {"test_dice": dice[0], "test_dice_ci_low": dice[1], "test_dice_ci_high": dice[2],
-               "test_iou": iou[0], "test_iou_ci_low": iou[1], "test_iou_ci_high": iou[2], "n_test": len(dices)}
+    metrics = {
+        "test_dice": dice[0],
+        "test_dice_ci_low": dice[1],
+        "test_dice_ci_high": dice[2],
+        "test_iou": iou[0],
+        "test_iou_ci_low": iou[1],
+        "test_iou_ci_high": iou[2],
+        "n_test": len(dices),
+    }
     if out_dir is not None and films:
         from cycle.plots import mask_comparison
 
@@ -200,7 +232,8 @@ def ensure_lung_model(cfg: Config, log=print) -> Path:
     if cfg.data.root is not None:
         raise LungModelMissing(
             "real data needs a lung U-Net trained on real lung masks: train one with\n"
-            "  python jobs/train_lungseg.py --data /path/to/MontgomerySet (or Shenzhen, JSRT/SCR, images/+masks/)\n"
+            "  python jobs/train_lungseg.py --data /path/to/MontgomerySet "
+            "(or Shenzhen, JSRT/SCR, images/+masks/)\n"
             "then pass --set lungseg.weights=outputs/lungseg/<run>/best.pt"
         )
     out = lung_model_dir(cfg)
@@ -209,15 +242,24 @@ def ensure_lung_model(cfg: Config, log=print) -> Path:
     # Jobs share the cached model: the second waits for the first to train it, then reuses it.
     with folder_lock(out, "the cached lung model", wait=True, log=log):
         if not (out / "metrics.json").is_file():
-            log(f"[lungseg] no lung model configured: training one on the phantom lung masks in {out}")
-            _, pairs, _ = find_pairs(data_root(cfg, verbose=True).parent, cfg.data.val_fraction, seed=cfg.seed,
-                                     cache_dir=Path(cfg.output_dir) / "cache")
+            log(
+                "[lungseg] no lung model configured: "
+                f"training one on the phantom lung masks in {out}"
+            )
+            _, pairs, _ = find_pairs(
+                data_root(cfg, verbose=True).parent,
+                cfg.data.val_fraction,
+                seed=cfg.seed,
+                cache_dir=Path(cfg.output_dir) / "cache",
+            )
             train_lungseg(cfg, pairs, out, log=log)
     return out / BEST
 
 
 def summary_line(metrics: dict) -> str:
-    return (f"test Dice {metrics['test_dice']:.4f} (95% CI {metrics['test_dice_ci_low']:.4f}-"
-            f"{metrics['test_dice_ci_high']:.4f}), IoU {metrics['test_iou']:.4f} "
-            f"({metrics['test_iou_ci_low']:.4f}-{metrics['test_iou_ci_high']:.4f}) on {metrics['n_test']} films")
-
+    return (
+        f"test Dice {metrics['test_dice']:.4f} (95% CI {metrics['test_dice_ci_low']:.4f}-"
+        f"{metrics['test_dice_ci_high']:.4f}), IoU {metrics['test_iou']:.4f} "
+        f"({metrics['test_iou_ci_low']:.4f}-{metrics['test_iou_ci_high']:.4f}) "
+        f"on {metrics['n_test']} films"
+    )

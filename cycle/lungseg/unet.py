@@ -13,7 +13,9 @@ from torch import nn
 DEFAULT_CHANNELS = (16, 32, 64, 128, 256)
 
 
-def build_unet(channels=DEFAULT_CHANNELS, num_res_units: int = 2, dropout: float = 0.0) -> nn.Module:
+def build_unet(
+    channels=DEFAULT_CHANNELS, num_res_units: int = 2, dropout: float = 0.0
+) -> nn.Module:
     from monai.networks.nets import UNet
 
     return UNet(

@@ -45,11 +45,16 @@ class Classifier(nn.Module):
         """Train the head and the last `unfreeze` feature blocks ("all": every parameter)."""
         if unfreeze == "all":
             n = self.num_blocks
-        elif isinstance(unfreeze, int) and not isinstance(unfreeze, bool) and 0 <= unfreeze <= self.num_blocks:
+        elif (
+            isinstance(unfreeze, int)
+            and not isinstance(unfreeze, bool)
+            and 0 <= unfreeze <= self.num_blocks
+        ):
             n = unfreeze
         else:
             raise ValueError(
-                f"unfreeze={unfreeze!r} for {self.arch}: use 'all' or an integer in 0..{self.num_blocks} "
+                f"unfreeze={unfreeze!r} for {self.arch}: "
+                f"use 'all' or an integer in 0..{self.num_blocks} "
                 f"(number of trailing feature blocks that train; {self.arch} has {self.num_blocks})"
             )
         for i, block in enumerate(self.features):
@@ -143,24 +148,32 @@ def tinyvgg(num_classes, image_size, dropout, pretrained, torchvision_state=None
     if pretrained:
         raise PretrainedWeightsError("tinyvgg has no ImageNet weights; use pretrained=false")
     if torchvision_state is not None:
-        raise ValueError("tinyvgg weights must be a checkpoint of this project (keys features.*, head.*)")
+        raise ValueError(
+            "tinyvgg weights must be a checkpoint of this project (keys features.*, head.*)"
+        )
     if image_size % 4:
         raise ValueError(f"tinyvgg needs an image size divisible by 4, got {image_size}")
     width = 15
 
     def block(c_in: int) -> nn.Sequential:
         return nn.Sequential(
-            nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c_in, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
 
     side = image_size // 4
-    head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(width * side * side, num_classes))
+    head = nn.Sequential(
+        nn.Flatten(), nn.Dropout(dropout), nn.Linear(width * side * side, num_classes)
+    )
     return Classifier("tinyvgg", [block(1), block(width)], head, cam_method="hirescam")
 
 
-def _vgg(name: str, num_classes, image_size, dropout, pretrained, torchvision_state=None) -> Classifier:
+def _vgg(
+    name: str, num_classes, image_size, dropout, pretrained, torchvision_state=None
+) -> Classifier:
     net = getattr(torchvision.models, name)()
     _load_torchvision(net, name, pretrained, torchvision_state)
     layers = list(net.features)
@@ -179,13 +192,18 @@ def _vgg(name: str, num_classes, image_size, dropout, pretrained, torchvision_st
     return Classifier(name, blocks, head, cam_method="hirescam")
 
 
-def _resnet(name: str, num_classes, image_size, dropout, pretrained, torchvision_state=None) -> Classifier:
+def _resnet(
+    name: str, num_classes, image_size, dropout, pretrained, torchvision_state=None
+) -> Classifier:
     net = getattr(torchvision.models, name)()
     _load_torchvision(net, name, pretrained, torchvision_state)
     stem = nn.Sequential(_one_channel(net.conv1), net.bn1, net.relu, net.maxpool)
     blocks = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
     head = nn.Sequential(
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(net.fc.in_features, num_classes)
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(net.fc.in_features, num_classes),
     )
     # Global average pool + linear: Grad-CAM and HiResCAM coincide.
     return Classifier(name, blocks, head, cam_method="gradcam")
@@ -200,8 +218,14 @@ for _name in ("resnet18", "resnet50", "resnet101", "resnet152"):
 def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
     """RGB first conv -> grayscale: the sum of the RGB filters sees a gray image as RGB would."""
     new = nn.Conv2d(
-        1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None,
+        1,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
     )
     with torch.no_grad():
         new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
@@ -224,7 +248,8 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     except Exception as err:  # URLError, OSError, hash mismatch: all mean "no weights here"
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise PretrainedWeightsError(
-            f"cannot get ImageNet weights for {name} ({type(err).__name__}: {err}). This machine may "
+            f"cannot get ImageNet weights for {name} "
+            f"({type(err).__name__}: {err}). This machine may "
             f"be offline. Either copy {weights.url} to {cache}, or pass a local file with "
             f"model.weights_path=PATH, or train from scratch with model.pretrained=false."
         ) from err
