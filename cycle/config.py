@@ -140,6 +140,9 @@ class TrackingConfig(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's local default
     experiment: str = "cycle"
     registered_model_name: str = "cycle-classifier"
+    # every: each (cycle, arch) run logs its chosen weights as a loadable MLflow model;
+    # best: only the registered winner is logged (less storage)
+    log_models: Literal["every", "best"] = "every"
 
 
 class ResourcesConfig(Section):

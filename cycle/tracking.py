@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,12 +28,16 @@ from cycle.config import Config
 from cycle.console import log
 from cycle.data.shards import file_sha256
 from cycle.io import atomic_write_json
-from cycle.report import cycle_pictures
+from cycle.mlflow_ui import compare_url, runs_url
+from cycle.report import cycle_pictures, cycle_table
 
 if TYPE_CHECKING:  # annotations only: the runner imports this module
     from cycle.runner import CycleState, Runner
 
 DEFAULT_STORE = "sqlite:///mlflow.db"  # MLflow's own default: a SQLite file in the working folder
+# Without it MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage); with it,
+# on the training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(cfg: Config) -> str | None:
@@ -108,7 +113,10 @@ class Tracker:
         def start():
             if uri:
                 mlflow.set_tracking_uri(uri)
-            mlflow.set_experiment(self.cfg.tracking.experiment)
+            experiment = mlflow.set_experiment(self.cfg.tracking.experiment)
+            for key, value in EXPERIMENT_KIND.items():
+                if experiment.tags.get(key) != value:
+                    mlflow.set_experiment_tag(key, value)
             if self.resume_id is not None:
                 return mlflow.start_run(run_id=self.resume_id, nested=self.nested)
             return mlflow.start_run(run_name=self.run_name, nested=self.nested, tags=self.tags)
@@ -218,6 +226,13 @@ class Tracker:
             ),
         )
 
+    def log_classifier(self, checkpoint: str | Path, name: str = "model") -> str | None:
+        """A classifier checkpoint -> a model of this run that `mlflow.pytorch.load_model` gives
+        back, taking any batch size; returns its URI (None when not tracking)."""
+        if not self.active:
+            return None
+        return self._guard("log a model", lambda: _log_checkpoint(checkpoint, name).model_uri)
+
     def register_classifier(
         self, checkpoint: str | Path, alias: str, name: str = "model"
     ) -> str | None:
@@ -229,7 +244,6 @@ class Tracker:
 
     def _register(self, checkpoint: str | Path, alias: str, name: str) -> str | None:
         import mlflow
-        import mlflow.pytorch
 
         registry = self.cfg.tracking.registered_model_name
         client = mlflow.MlflowClient()
@@ -245,9 +259,7 @@ class Tracker:
             None,
         )
         if version is None:
-            model, pre = load_classifier(checkpoint)
-            example = np.zeros((1, 1, pre.size, pre.size), np.float32)
-            info = mlflow.pytorch.log_model(model.eval(), name=name, input_example=example)
+            info = _log_checkpoint(checkpoint, name)
             # The tag comes with the version in one call: no version exists without it.
             version = mlflow.register_model(
                 info.model_uri, registry, tags={"checkpoint_sha256": digest}
@@ -263,6 +275,17 @@ class Tracker:
             )
         except Exception:  # no such registered model yet
             return []
+
+
+def _log_checkpoint(checkpoint: str | Path, name: str):
+    """Log a classifier checkpoint as an MLflow 3 PyTorch model (an exported graph). The input
+    example holds two films: torch.export keeps a batch of one as a fixed size, so the loaded
+    model would take one film at a time."""
+    import mlflow.pytorch
+
+    model, pre = load_classifier(checkpoint)
+    example = np.zeros((2, 1, pre.size, pre.size), np.float32)
+    return mlflow.pytorch.log_model(model.eval(), name=name, input_example=example)
 
 
 class SavedRun(Tracker):
@@ -325,6 +348,46 @@ def run_note(tracker: Tracker) -> str:
     return f"MLflow run {tracker.run_id} at {tracking_store(tracker.cfg)}"
 
 
+def browse_hint(tracker: Tracker) -> str:
+    """How to see this run: the UI command for a local store, and the address of the training
+    runs (MLflow 3's UI would otherwise open the experiment's GenAI overview)."""
+    if tracker.run is None:
+        return ""
+    store = tracking_store(tracker.cfg)
+    experiment = tracker.run.info.experiment_id
+    if store.startswith(("http://", "https://")):
+        return f"open {runs_url(store, experiment)}"
+    return (
+        f"mlflow ui --host 127.0.0.1 --backend-store-uri {store}, then open "
+        f"{runs_url('http://127.0.0.1:5000', experiment)}"
+    )
+
+
+def latest_job_runs(store: str, experiment: str) -> tuple[str, str, list[str]] | None:
+    """(experiment id, name of the latest finished cycle job run, names of its (cycle, arch)
+    runs), or None when the experiment holds none."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=store)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    jobs = client.search_runs(
+        [found.experiment_id],
+        "tags.job = 'cycle' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not jobs:
+        return None
+    job = jobs[0]
+    children = client.search_runs(
+        [found.experiment_id], f"tags.mlflow.parentRunId = '{job.info.run_id}'"
+    )
+    names = sorted(c.info.run_name for c in children)
+    return found.experiment_id, job.info.run_name, names
+
+
 def store_problem(cfg: Config) -> str | None:
     """Why this config cannot log (a tracking server that does not answer), or None."""
     uri = tracking_uri(cfg)
@@ -353,6 +416,11 @@ def cycle_job_run(cfg: Config, run_name: str) -> SavedRun:
     )
 
 
+def child_run_name(k: int, arch: str) -> str:
+    """How a (cycle, arch) run reads in the UI's runs table."""
+    return f"cycle {k} · {arch}"
+
+
 def track_cycle(
     runner: Runner, k: int, arch: str, metrics: dict, shards: Path | None, config: Config
 ) -> None:
@@ -365,7 +433,7 @@ def track_cycle(
     child = SavedRun(
         runner.cfg,
         record,
-        f"cycle{k}-{arch}",
+        child_run_name(k, arch),
         belongs={"parent": runner.tracker.run_id},
         config=config,
         completes=True,
@@ -386,6 +454,8 @@ def track_cycle(
             child.log_artifact(shards / "manifest.json", "shards")
         faults.reached("track")
         child.log_artifact(train_dir / "metrics.json")
+        if runner.cfg.tracking.log_models == "every":
+            child.log_classifier(train_dir / "best.pt")  # the weights this cycle chose, on val
         child.mark_complete()
 
 
@@ -421,6 +491,34 @@ def register_best(tracker: Tracker, runner: Runner, state: CycleState) -> str | 
         record, {"run_id": tracker.run_id, "arch": arch, "cycle": k, "message": message}
     )
     return message
+
+
+def describe_job_run(tracker: Tracker, runner: Runner, state: CycleState) -> None:
+    """The job run's description in the UI (`mlflow.note.content`, markdown): the result table
+    and a link that opens MLflow's comparison of every (cycle, arch) run."""
+    if not tracker.active:
+        return
+    children = []
+    for arch, cycles in state.results.items():
+        for k in range(len(cycles)):
+            record = runner.paths.stage(k, arch, "evaluate") / "mlflow_run.json"
+            if record.is_file():
+                children.append(json.loads(record.read_text())["run_id"])
+    compare = compare_url("", tracker.run.info.experiment_id, children)
+    cycles = max((len(c) for c in state.results.values()), default=1) - 1
+    note = "\n".join(
+        [
+            f"**{runner.run_name}**: {', '.join(state.results)}; baseline + {cycles} cycle(s), "
+            f"{runner.cfg.enhance.mode}. Classification on the original films (test_cf: the "
+            "shortcut reversed); localisation of the CAM on test, mean (95% interval).",
+            "",
+            f"[Compare every cycle and architecture]({compare})",
+            "",
+            cycle_table(state.results),
+            *(f"- {arch} stopped {why}" for arch, why in state.stopped.items()),
+        ]
+    )
+    tracker.set_tags({"mlflow.note.content": note})
 
 
 def log_job_files(tracker: Tracker, root: Path) -> None:

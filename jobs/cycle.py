@@ -27,7 +27,9 @@ from cycle.run_config import RunConfigMismatch, check_run_config, saved_config
 from cycle.runner import Runner, claim_run
 from cycle.tracking import (
     Tracker,
+    browse_hint,
     cycle_job_run,
+    describe_job_run,
     log_job_files,
     register_best,
     run_note,
@@ -96,14 +98,18 @@ def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
         registered = register_best(tracker, runner, state)
         note = run_note(tracker)
         report = write_cycle_report(runner, state, note)
+        describe_job_run(tracker, runner, state)
         log_job_files(tracker, runner.paths.root)
+        hint = browse_hint(tracker)
     print("\n" + cycle_table(state.results))
     for arch, why in state.stopped.items():
         print(f"{arch} stopped {why}")
     if registered:
         print(f"registered   {registered}")
     print(f"report       {report}")
-    print(f"mlflow       {note}  (browse: mlflow ui --host 127.0.0.1)")
+    print(f"mlflow       {note}")
+    if hint:
+        print(f"browse       {hint}")
     print(f"finished in {time.perf_counter() - started:.0f}s")
     if Tracker.lost:
         sys.exit(

@@ -106,6 +106,13 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
     } <= top  # MLflow 3 keeps models apart
     version = client.get_model_version_by_alias("cycle-classifier", "best")
     assert version.run_id == parent.info.run_id
+    # What the UI shows: a model-training experiment, readable run names, the result table and
+    # a link to the comparison on the job run.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert sorted(r.info.run_name for r in children) == ["cycle 0 · tinyvgg", "cycle 1 · tinyvgg"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| tinyvgg | 1 |" in note and "#/compare-runs?runs=" in note
+    assert all(r.info.run_id in note for r in children)
 
     # Resuming the finished run reopens its MLflow run and registers no new version.
     again = _run(
@@ -123,6 +130,95 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
     versions = client.search_model_versions("name='cycle-classifier'")
     assert [v.version for v in versions] == [version.version]
     assert client.get_model_version_by_alias("cycle-classifier", "best").version == version.version
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_cycle_s_weights_load_back_from_mlflow(smoke_run):
+    """Not only the registered winner: cycle 0's weights (not registered) load back from its own
+    MLflow run, for any batch size, and give the checkpoint's logits."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from cycle.checkpoint import load_classifier
+
+    out, db, _ = smoke_run
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("cycle-smoke")
+    (loser,) = client.search_runs(
+        [experiment.experiment_id], "attributes.run_name = 'cycle 0 · tinyvgg'"
+    )
+    winner = client.get_model_version_by_alias("cycle-classifier", "best")
+    assert json.loads((out / "smoke" / "registered.json").read_text())["cycle"] == 1  # not cycle 0
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    logged = mlflow.pytorch.load_model(f"runs:/{loser.info.run_id}/model")
+    model, pre = load_classifier(out / "smoke" / "cycle_0" / "tinyvgg" / "train" / "best.pt")
+    films = torch.randn(3, 1, pre.size, pre.size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(logged(films), model(films), rtol=0, atol=1e-5)
+    assert winner.run_id != loser.info.run_id
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
+    """`mlflow ui` on loopback, the system Chromium headless: the training runs page lists the
+    job's run, its (cycle, arch) runs and a metric's value. CI installs Chromium (.ci/run);
+    elsewhere a machine without it skips this test, saying how to install it."""
+    import mlflow
+
+    from cycle.mlflow_ui import (
+        BrowserMissing,
+        find_browser,
+        headless_chromium,
+        local_ui,
+        show_comparison,
+    )
+
+    try:
+        find_browser()
+    except BrowserMissing as err:
+        if os.environ.get("CYCLE_REQUIRE_BROWSER"):
+            raise
+        pytest.skip(str(err))
+    from conftest import free_port
+
+    out, db, _ = smoke_run
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("cycle-smoke")
+    (cf_run,) = client.search_runs(
+        [experiment.experiment_id], "attributes.run_name = 'cycle 1 · tinyvgg'"
+    )
+    value = f"{cf_run.data.metrics['test_cf_accuracy']:.2f}"
+    names = ["smoke", "cycle 0 · tinyvgg", "cycle 1 · tinyvgg"]
+    with local_ui(f"sqlite:///{db}", free_port()) as base, headless_chromium() as driver:
+        page = show_comparison(driver, base, experiment.experiment_id, names, "test_cf_accuracy")
+        assert "workflowType=machine_learning" in driver.current_url  # training runs, not GenAI
+    assert all(name in page for name in names)
+    assert "test_cf_accuracy" in page and value in page, value
+
+    # The README's screenshot command, on this store.
+    picture = tmp_path / "compare.png"
+    shot = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "mlflow_screenshot.py"),
+            "--store",
+            f"sqlite:///{db}",
+            "--experiment",
+            "cycle-smoke",
+            "--out",
+            str(picture),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert shot.returncode == 0, shot.stderr[-3000:]
+    assert picture.stat().st_size > 20_000 and picture.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.ray

@@ -1,0 +1,198 @@
+"""The MLflow UI as a person meets it: the addresses that open a job's runs, a local `mlflow ui`,
+and the system Chromium driven headless on them (the README's screenshot, the browser test).
+
+MLflow 3.17's UI opens an experiment on its GenAI overview unless the address says otherwise
+(`workflowType=machine_learning`; the experiment's `mlflow.experimentKind` tag is not what it
+reads), so the job prints addresses that land on the training runs. The browser is Debian's
+`chromium` with its `chromium-driver` (`apt-get install -y chromium chromium-driver`): nothing
+is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+DRIVERS = ("chromedriver", "/usr/lib/chromium/chromedriver")
+TRAINING_VIEW = {"workflowType": "machine_learning"}
+
+
+class BrowserMissing(RuntimeError):
+    """No Chromium and driver on this machine; the message says how to install them."""
+
+
+def runs_url(base: str, experiment_id: str, chart: bool = False) -> str:
+    """The experiment's training runs (table, or with `chart` the charts comparing them)."""
+    query = {**TRAINING_VIEW, **({"compareRunsMode": "CHART"} if chart else {})}
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
+
+
+def compare_url(base: str, experiment_id: str, run_ids: Sequence[str]) -> str:
+    """MLflow's compare page for these runs ('' as base: a link inside the UI)."""
+    query = urllib.parse.urlencode(
+        {"runs": json.dumps(list(run_ids)), "experiments": json.dumps([experiment_id])}
+    )
+    return f"{base.rstrip('/')}/#/compare-runs?{query}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A local UI and a headless browser
+
+
+@contextmanager
+def local_ui(store_uri: str, port: int, timeout: float = 120) -> Iterator[str]:
+    """`mlflow ui` on 127.0.0.1:`port` over `store_uri` for the block; yields its address and
+    stops only the server it started."""
+    # MLflow's own command, not `python -m mlflow`: that would import from the current folder
+    # first, where any file named like one of MLflow's modules would break the server.
+    command = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [
+            str(command) if command.is_file() else "mlflow",
+            "ui",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            store_uri,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow ui exited with code {server.returncode}")
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"mlflow ui did not answer at {base} in {timeout:.0f}s"
+                    ) from err
+                time.sleep(0.5)
+        yield base
+    finally:
+        server.kill()  # its own session: the workers it forked go with it
+        server.wait(timeout=30)
+
+
+def find_browser() -> tuple[str, str]:
+    """(chromium, chromedriver) paths, or BrowserMissing saying how to install them."""
+    browser = next((p for p in map(shutil.which, BROWSERS) if p), None)
+    driver = next((p for p in map(shutil.which, DRIVERS) if p), None)
+    if not browser or not driver:
+        raise BrowserMissing(
+            "no system Chromium and chromedriver found; on Debian or Ubuntu: "
+            "apt-get update && apt-get install -y chromium chromium-driver"
+        )
+    return browser, driver
+
+
+@contextmanager
+def headless_chromium(width: int = 1700, height: int = 1000):
+    """A Selenium driver on the system Chromium, headless, closed after the block."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = find_browser()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for_text(driver, texts: Sequence[str], timeout: float = 60) -> str:
+    """The page's source once every one of `texts` is in it (the UI renders after loading)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        source = driver.page_source
+        missing = [t for t in texts if t not in source]
+        if not missing:
+            return source
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the page never showed {missing} ({driver.current_url})")
+        time.sleep(0.5)
+
+
+def wait_for_elements(driver, css: str, timeout: float = 60) -> list:
+    """The elements matching `css`, once there is at least one."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the page never showed {css} ({driver.current_url})")
+        time.sleep(0.5)
+
+
+def show_comparison(
+    driver,
+    base: str,
+    experiment_id: str,
+    run_names: Sequence[str],
+    metrics_filter: str = "accuracy",
+    timeout: float = 60,
+) -> str:
+    """Open the training runs as charts, close the assistant panel, expand every job run so its
+    (cycle, arch) runs are drawn, and keep the charts whose name holds `metrics_filter`.
+    Returns the page source once `run_names` are shown."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(runs_url(base, experiment_id, chart=True))
+    wait_for_text(driver, ["Model metrics"], timeout)
+    for close in driver.find_elements(
+        By.CSS_SELECTOR, '[data-component-id="mlflow.assistant.chat_panel.close"]'
+    ):
+        close.click()
+    # The run-name cell's expander button: a job run's children are hidden until it is opened.
+    # Wait for the table's rows first (the charts' frame is drawn before the runs arrive).
+    expanders = wait_for_elements(
+        driver, 'button[data-component-id*="runnamecellrenderer"]', timeout
+    )
+    time.sleep(1)  # the row settles before it takes clicks
+    for expander in expanders:
+        expander.click()
+    source = wait_for_text(driver, list(run_names), timeout)
+    boxes = driver.find_elements(By.CSS_SELECTOR, 'input[placeholder="Search metric charts"]')
+    if boxes and metrics_filter:
+        boxes[0].send_keys(metrics_filter)
+        time.sleep(2)  # the charts redraw
+        source = driver.page_source
+    return source
+
+
+def screenshot(driver, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    driver.save_screenshot(str(tmp))
+    tmp.replace(path)  # atomic: a reader never sees half a picture
+    return path
