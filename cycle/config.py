@@ -166,7 +166,8 @@ class SweepConfig(Section):
     lung_weight: float = Field(0.5, ge=0.0)
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1)  # draws per grid point
-    max_concurrent_trials: int | None = Field(None, ge=1)  # None: one per GPU, else half the CPUs
+    # None: on GPUs as many as the cluster can grow to hold, else half the CPUs
+    max_concurrent_trials: int | None = Field(None, ge=1)
     grace_period: int = Field(1, ge=1)  # ASHA: cycles every trial runs before it can be stopped
     reduction_factor: int = Field(2, ge=2)
     cpus_per_trial: float = Field(1.0, gt=0.0)

@@ -30,6 +30,27 @@ class ShardPool:
 MAX_SHARD_ACTORS = 8  # past this, more threads per actor beat more copies of both models
 
 
+def decide_gpu(setting: bool | str, cluster: dict) -> tuple[bool, str]:
+    """Whether the job's stages ask Ray for GPUs, and the plan's line saying so.
+
+    `true` always asks, on a cluster with no GPU node yet too: the stage waits for the
+    autoscaler to add one (cluster files whose GPU workers scale from zero say `true`). `false`
+    never asks. `auto` asks when the cluster has GPUs when the job starts; on a cluster with none
+    it trains on CPUs and the plan says so, naming the setting that waits for GPUs instead."""
+    if setting is True:
+        return True, "GPUs: asked for (resources.use_gpu=true); stages wait for GPU nodes"
+    if setting is False:
+        return False, "GPUs: not used (resources.use_gpu=false)"
+    gpus = float(cluster.get("GPU", 0.0))
+    if gpus > 0:
+        return True, f"GPUs: {gpus:g} in the cluster, used (resources.use_gpu=auto)"
+    return False, (
+        "GPUs: none in the cluster now, so training and shards run on CPUs "
+        "(resources.use_gpu=auto); where GPU workers scale from zero, "
+        "--set resources.use_gpu=true waits for them instead"
+    )
+
+
 def plan_shard_pool(
     cluster: dict, gpus_per_actor: float = 0.0, wanted: int | None = None
 ) -> ShardPool:
@@ -37,20 +58,21 @@ def plan_shard_pool(
     cluster, when it has fewer than two) is left to the read and decode tasks. On GPUs, one actor
     per `gpus_per_actor` share of the GPUs. A cluster with no CPU yet (workers that scale from
     zero) gets one 1-CPU actor: the autoscaler adds a node for it, and the stall watchdog speaks
-    if none comes."""
+    if none comes. `gpus_per_actor` > 0 (the job asks for GPUs) is honoured on a cluster without
+    GPUs now as well: one actor asks for one, and the autoscaler adds a GPU node."""
     cpus = float(cluster.get("CPU", 0.0))
     gpus = float(cluster.get("GPU", 0.0))
     if cpus <= 0:
-        return ShardPool(1, 1.0, gpus_per_actor if gpus else 0.0, 1.0, 1)
+        return ShardPool(1, 1.0, gpus_per_actor, 1.0, 1)
     if cpus < 2:
         half = cpus / 2
-        return ShardPool(1, half, gpus_per_actor if gpus else 0.0, half, 1)
+        return ShardPool(1, half, gpus_per_actor, half, 1)
     usable = cpus - 1.0
-    if gpus_per_actor > 0 and gpus > 0:
-        actors = max(1, min(int(gpus / gpus_per_actor), int(usable), MAX_SHARD_ACTORS))
+    if gpus_per_actor > 0:
+        fit = int(gpus / gpus_per_actor) if gpus else 1  # none yet: one, the autoscaler adds more
+        actors = max(1, min(fit, int(usable), MAX_SHARD_ACTORS))
     else:
         actors = max(1, min(int(usable), MAX_SHARD_ACTORS))
-        gpus_per_actor = 0.0
     if wanted:
         actors = max(1, min(actors, wanted))
     per_actor = max(1.0, math.floor(usable / actors))

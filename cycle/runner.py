@@ -31,6 +31,7 @@ from cycle.evaluate import evaluate_localization, panel_records
 from cycle.io import atomic_write_json, folder_lock
 from cycle.lungseg import ensure_lung_model
 from cycle.ray_session import init_ray
+from cycle.resources import decide_gpu
 from cycle.run_config import check_run_config, record_run_config
 from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
 from cycle.tracking import track_cycle
@@ -134,9 +135,8 @@ class Runner:
         on_cycle=None,
         inprocess_shards: bool = False,
     ):
-        cfg = (
-            cfg.with_absolute_paths()
-        )  # workers run in folders of their own: no relative path survives
+        # Workers run in folders of their own: no relative path survives.
+        cfg = cfg.with_absolute_paths()
         self.cfg = cfg
         self.paths = RunPaths(Path(cfg.output_dir) / run_name)
         self.run_name = run_name
@@ -146,10 +146,15 @@ class Runner:
         check_run_config(self.paths.root, cfg)  # a run folder belongs to one config
         self.paths.root.mkdir(parents=True, exist_ok=True)
         record_run_config(self.paths.root, cfg)
+        # Else nothing here needs Ray: a single GPU box without it runs the cycle too.
         if cfg.resources.num_workers > 0 or not inprocess_shards:
-            init_ray(
-                cfg
-            )  # else nothing here needs Ray: a single GPU box without it runs the cycle too
+            import ray  # here only: the in-process cycle runs where Ray is not installed
+
+            init_ray(cfg)
+            # GPUs or not, decided once for every stage of the job, and said.
+            use_gpu, line = decide_gpu(cfg.resources.use_gpu, ray.cluster_resources())
+            log(f"[plan] {line}")
+            self.cfg = cfg.with_overrides({"resources.use_gpu": use_gpu})
 
     def claim(self):
         return claim_run(self.paths.root)
@@ -221,6 +226,8 @@ class Runner:
                 stage / "data",
                 log=log,
                 inprocess=self.inprocess_shards,
+                # One actor per GPU share when the job asks for GPUs (resources.use_gpu).
+                gpus_per_actor=cfg.resources.gpus_per_worker if cfg.resources.use_gpu else 0.0,
             )
             worker = EnhanceWorker.from_config(str(previous), str(lung_model), cfg)
             sample_picture(cfg, train, worker, stage / "samples.png")

@@ -30,6 +30,7 @@ from cycle.io import atomic_write_text
 from cycle.lungseg import ensure_lung_model
 from cycle.ray_session import init_ray
 from cycle.report import cell
+from cycle.resources import decide_gpu
 from cycle.runner import Runner
 
 SAMPLERS = ("grid_search", "choice", "uniform", "loguniform", "randint")
@@ -184,23 +185,28 @@ def run_trial(params: dict) -> None:
     Runner(cfg, trial_id, on_cycle=report, inprocess_shards=True).run()
 
 
-def concurrency(cfg: Config) -> int:
+def concurrency(cfg: Config) -> int | None:
+    """Trials at once: sweep.max_concurrent_trials when set. Trials on GPUs: no cap (None), so
+    Tune keeps as many pending as the cluster can grow to hold and the autoscaler adds GPU nodes
+    up to its maximum (the GPUs present at submit, often none, say nothing). On CPUs: half the
+    CPUs, leaving room for each trial's own threads."""
     import ray
 
     if cfg.sweep.max_concurrent_trials:
         return cfg.sweep.max_concurrent_trials
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    return gpus if gpus else max(1, int(resources.get("CPU", 1) // 2))
+    cluster = ray.cluster_resources()
+    if decide_gpu(cfg.resources.use_gpu, cluster)[0]:
+        return None
+    return max(1, int(cluster.get("CPU", 1) // 2))
 
 
 def trial_resources(cfg: Config) -> dict:
+    """What one trial holds: its CPUs, and one GPU when the job asks for GPUs (on a cluster
+    whose GPU workers scale from zero too: the trial waits for the autoscaler)."""
     import ray
 
-    gpu = (
-        1 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.resources.use_gpu is not False else 0
-    )
-    return {"cpu": cfg.sweep.cpus_per_trial, "gpu": gpu}
+    use_gpu = decide_gpu(cfg.resources.use_gpu, ray.cluster_resources())[0]
+    return {"cpu": cfg.sweep.cpus_per_trial, "gpu": 1 if use_gpu else 0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -61,13 +62,25 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def server_problem(uri: str | None) -> str | None:
-    """Why a tracking server does not answer its /health, or None (also for a local store: a
-    file does not go away)."""
+    """Why a tracking server cannot take this job's runs, or None (also for a local store: a file
+    does not go away). Asks a real tracking endpoint, not only /health: MLflow 3 answers /health
+    to any Host header but 403 "Invalid Host header" to API calls from a name it was not
+    started with (`--allowed-hosts`)."""
     if not uri or not uri.startswith(("http://", "https://")):
         return None
+    base = uri.rstrip("/")
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        urllib.request.urlopen(base + "/health", timeout=5).read()
+        urllib.request.urlopen(
+            base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10
+        ).read()
         return None
+    except urllib.error.HTTPError as err:
+        hint = ""
+        if err.code == 403:
+            host = urllib.parse.urlsplit(base).hostname
+            hint = f"; start the server with --allowed-hosts naming {host}"
+        return f"HTTP {err.code} {err.reason}{hint}"
     except OSError as err:
         return str(err)
 

@@ -41,7 +41,7 @@ from cycle.evaluate import EVAL_SPLITS, autocast, evaluate_splits, split_metrics
 from cycle.io import atomic_write_json
 from cycle.metrics import format_table, prefixed
 from cycle.models import Classifier, build_model
-from cycle.resources import trainer_request, waiting_message
+from cycle.resources import decide_gpu, trainer_request, waiting_message
 from cycle.watchdog import Watchdog
 
 LAST = "last.pt"  # model, optimiser, scheduler, epoch, early-stopping state, history
@@ -504,11 +504,11 @@ def train_func(loop_config: dict) -> None:
 
 
 def resolve_use_gpu(cfg: Config) -> bool:
-    if cfg.resources.use_gpu != "auto":
-        return bool(cfg.resources.use_gpu)
+    """resources.use_gpu with `auto` decided from the cluster (see resources.decide_gpu)."""
     import ray
 
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    cluster = ray.cluster_resources() if ray.is_initialized() else {}
+    return decide_gpu(cfg.resources.use_gpu, cluster)[0]
 
 
 def run_training(

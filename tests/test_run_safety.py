@@ -15,7 +15,7 @@ import torch
 
 from cycle.config import load_config
 from cycle.io import LockHeld, folder_lock
-from cycle.resources import plan_shard_pool, trainer_request, waiting_message
+from cycle.resources import decide_gpu, plan_shard_pool, trainer_request, waiting_message
 from cycle.run_config import RunConfigMismatch, changed_keys, check_run_config, record_run_config
 from cycle.watchdog import Watchdog
 
@@ -68,10 +68,25 @@ def test_shard_pool_never_takes_every_cpu(cluster, expect):
 def test_shard_pool_on_gpus_and_with_a_cap():
     pool = plan_shard_pool({"CPU": 16.0, "GPU": 2.0}, gpus_per_actor=0.5)
     assert pool.actors == 4 and pool.gpus_per_actor == 0.5
-    assert (
-        plan_shard_pool({"CPU": 16.0}, gpus_per_actor=0.5).gpus_per_actor == 0.0
-    )  # no GPU: none asked
+    # A job that asks for GPUs on a cluster with none yet (GPU workers from zero): one actor
+    # asks for one and the autoscaler adds a node; it never falls back to CPUs silently.
+    waiting = plan_shard_pool({"CPU": 16.0}, gpus_per_actor=0.5)
+    assert (waiting.actors, waiting.gpus_per_actor) == (1, 0.5)
+    assert plan_shard_pool({"CPU": 0.0}, gpus_per_actor=1.0).gpus_per_actor == 1.0
+    assert plan_shard_pool({"CPU": 16.0, "GPU": 2.0}).gpus_per_actor == 0.0  # not asked: none
     assert plan_shard_pool({"CPU": 16.0}, wanted=2).actors == 2
+
+
+def test_gpus_are_decided_once_and_said_never_silently_dropped():
+    head_only = {"CPU": 0.0}  # a CPU-less head, GPU workers that scale from zero
+    assert decide_gpu(True, head_only)[0] is True  # waits for the autoscaler
+    assert decide_gpu(False, {"CPU": 8.0, "GPU": 4.0})[0] is False
+    assert decide_gpu("auto", {"CPU": 8.0, "GPU": 4.0}) == (
+        True,
+        "GPUs: 4 in the cluster, used (resources.use_gpu=auto)",
+    )
+    use, line = decide_gpu("auto", head_only)
+    assert use is False and "run on CPUs" in line and "resources.use_gpu=true" in line
 
 
 def test_trainer_request_and_the_waiting_message():
@@ -216,3 +231,38 @@ def test_relative_output_dir_is_resolved_by_the_jobs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path.resolve() / "rel" / "out")
+
+
+def test_a_server_that_answers_health_but_refuses_the_jobs_host_fails_fast(tmp_path):
+    """MLflow 3 answers /health to any Host header but 403 to API calls from a name not in
+    --allowed-hosts (a Kubernetes service name, say): the preflight asks a real endpoint."""
+    from conftest import free_port, stop, wait_for
+
+    from cycle.tracking import store_problem
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'm.db'}",
+            "--allowed-hosts",
+            f"mlflow.example.svc:{port}",
+        ],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", server)
+        cfg = load_config(None, [f"tracking.uri=http://127.0.0.1:{port}"])
+        problem = store_problem(cfg)
+        assert problem and "403" in problem and "--allowed-hosts" in problem, problem
+    finally:
+        stop(server)
