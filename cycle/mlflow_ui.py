@@ -11,7 +11,9 @@ is downloaded at run time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,7 +89,12 @@ def local_ui(store_uri: str, port: int, timeout: float = 120) -> Iterator[str]:
                 time.sleep(0.5)
         yield base
     finally:
-        server.kill()  # its own session: the workers it forked go with it
+        # The whole session: `mlflow ui` leaves uvicorn's workers and MLflow's job runners
+        # behind (about 2 GB) if only the command itself is killed.
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         server.wait(timeout=30)
 
 

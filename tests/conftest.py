@@ -67,13 +67,18 @@ def wait_for(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
+    """Stop a process started with start_new_session=True and everything in its group: an
+    `mlflow server` leaves its uvicorn workers and job runners behind when only it exits."""
+    try:
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            pass
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is still there
+    except ProcessLookupError:
+        pass  # the group is gone already
+    process.wait()
 
 
 def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
