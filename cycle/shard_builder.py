@@ -272,14 +272,9 @@ def build_shards(
         Path(p).resolve() for p in (out_dir, classifier_path, lung_model_path)
     )
     key = build_key(cfg, records, classifier_path, lung_model_path)
-    if (out_dir / MANIFEST).is_file():
-        try:
-            manifest = read_manifest(out_dir)
-            if manifest["build_key"] == key:
-                log(f"[shards] {out_dir} is up to date (build {key}): nothing to do")
-                return manifest
-        except Exception as err:  # a damaged build is rebuilt, not trusted
-            log(f"[shards] rebuilding {out_dir}: {err}")
+    existing = _up_to_date(out_dir, key, log)
+    if existing is not None:
+        return existing
     for stale in out_dir.parent.glob(out_dir.name + ".partial-*"):
         shutil.rmtree(stale, ignore_errors=True)  # an interrupted build: never readable, now gone
     tmp = out_dir.with_name(f"{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -331,6 +326,22 @@ def build_shards(
         f"[shards] wrote {c['written']:,} of {c['in']:,} films ({c['skipped']:,} skipped, "
         f"{c['untrusted_written']:,} with an untrusted CAM) in {len(manifest['shards'])} shard(s)"
     )
+    return manifest
+
+
+def _up_to_date(out_dir: Path, key: str, log) -> dict | None:
+    """The manifest of a finished build of the same inputs in `out_dir`, else None (a damaged or
+    different build is rebuilt, never trusted)."""
+    if not (out_dir / MANIFEST).is_file():
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+    except Exception as err:  # damaged: rebuild
+        log(f"[shards] rebuilding {out_dir}: {err}")
+        return None
+    if manifest["build_key"] != key:
+        return None
+    log(f"[shards] {out_dir} is up to date (build {key}): nothing to do")
     return manifest
 
 

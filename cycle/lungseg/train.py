@@ -123,24 +123,7 @@ def train_lungseg(
     while state["epoch"] < lcfg.epochs:
         epoch, started = state["epoch"], time.perf_counter()
         torch.manual_seed(cfg.seed * 100_003 + epoch)
-        model.train()
-        order = np.random.default_rng([cfg.seed, epoch, 11]).permutation(len(train_x))
-        total = 0.0
-        for start in range(0, len(order), lcfg.batch_size):
-            idx = order[start : start + lcfg.batch_size]
-            batch = [
-                AUGMENT.pair(
-                    train_x[i], train_y[i], np.random.default_rng([cfg.seed, epoch, int(i)])
-                )
-                for i in idx
-            ]
-            x = _tensor(np.stack([b[0] for b in batch]))
-            y = torch.from_numpy(np.stack([b[1] for b in batch])).long().unsqueeze(1)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
+        mean_loss = _train_epoch(model, optimizer, loss_fn, train_x, train_y, epoch, cfg)
         scheduler.step()
         dice, iou = _val_scores(model, val_x, val_y, lcfg.batch_size)
         improved = dice > state["best_dice"]
@@ -148,7 +131,7 @@ def train_lungseg(
         state["epoch"] = epoch + 1
         row = {
             "epoch": epoch + 1,
-            "train_loss": total / len(order),
+            "train_loss": mean_loss,
             "val_dice": dice,
             "val_iou": iou,
             "seconds": time.perf_counter() - started,
@@ -175,6 +158,30 @@ def train_lungseg(
             out_dir / "skipped.json", [{"path": s.path, "reason": s.reason} for s in skipped]
         )
     return metrics
+
+
+def _train_epoch(
+    model, optimizer, loss_fn, films: np.ndarray, masks: np.ndarray, epoch: int, cfg: Config
+) -> float:
+    """One pass over the training pairs in a seeded order, each pair augmented by its own seeded
+    draw; returns the mean loss."""
+    model.train()
+    order = np.random.default_rng([cfg.seed, epoch, 11]).permutation(len(films))
+    total = 0.0
+    for start in range(0, len(order), cfg.lungseg.batch_size):
+        idx = order[start : start + cfg.lungseg.batch_size]
+        batch = [
+            AUGMENT.pair(films[i], masks[i], np.random.default_rng([cfg.seed, epoch, int(i)]))
+            for i in idx
+        ]
+        x = _tensor(np.stack([b[0] for b in batch]))
+        y = torch.from_numpy(np.stack([b[1] for b in batch])).long().unsqueeze(1)
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+    return total / len(order)
 
 
 def evaluate_lungseg(
