@@ -130,9 +130,8 @@ class CyclesConfig(Section):
     epochs: int = Field(3, ge=1)
     lr: float = Field(3e-4, gt=0.0)
     stop_epsilon: float = Field(0.01, ge=0.0)  # stop when lung energy share gains less
-    stop_delta: float = Field(
-        0.10, ge=0.0
-    )  # ... or val accuracy drops more (val shares the shortcut: losing it costs some)
+    # ... or val accuracy drops more (val shares the shortcut: losing it costs some)
+    stop_delta: float = Field(0.10, ge=0.0)
 
 
 class TrackingConfig(Section):

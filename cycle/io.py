@@ -66,9 +66,7 @@ def folder_lock(folder: str | Path, what: str, wait: bool, log: Callable[[str], 
     the first made). A lock file left by a dead process is taken over, with a message."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    path = (
-        folder.parent / f".{folder.name}.lock"
-    )  # beside it: a folder rebuilt whole keeps its lock
+    path = folder.parent / f".{folder.name}.lock"  # beside it: a rebuilt folder keeps its lock
     handle = open(path, "a+")
     held = False
     try:

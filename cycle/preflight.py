@@ -18,9 +18,8 @@ def input_problem(cfg: Config) -> str | None:
         return f"data.root={cfg.data.root} does not exist"
     if cfg.data.root is not None or cfg.lungseg.weights:
         try:
-            ensure_lung_model(
-                cfg, log=lambda *_: None
-            )  # with these set it only checks, never trains
+            # With these set it only checks, never trains.
+            ensure_lung_model(cfg, log=lambda *_: None)
         except LungModelMissing as err:
             return str(err)
     out = Path(cfg.output_dir)
