@@ -45,7 +45,7 @@ def decide_gpu(setting: bool | str, cluster: dict) -> tuple[bool, str]:
     if gpus > 0:
         return True, f"GPUs: {gpus:g} in the cluster, used (resources.use_gpu=auto)"
     return False, (
-        "GPUs: none in the cluster now, so training and shards run on CPUs "
+        "GPUs: none in the cluster now, so every stage will run on CPUs "
         "(resources.use_gpu=auto); where GPU workers scale from zero, "
         "--set resources.use_gpu=true waits for them instead"
     )
