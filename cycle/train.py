@@ -442,6 +442,29 @@ def epoch_line(row: dict, cfg: Config, improved: bool, stopped_early: bool) -> s
     return "  ".join(parts) + f"  {row['seconds']:.1f}s{note}"
 
 
+def record_reads(run_dir: Path, session: Session, sampler: EpochShuffle, epoch: int) -> None:
+    """reads-rank{r}.json: which training films this rank reads in the first epoch it runs, and
+    where it runs. With several workers the ranks' parts are disjoint; the file shows it."""
+    node = ""
+    if session.in_ray:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+    sampler.set_epoch(epoch)
+    atomic_write_json(
+        run_dir / f"reads-rank{session.rank}.json",
+        {
+            "rank": session.rank,
+            "world_size": session.world_size,
+            "node_id": node,
+            "pid": os.getpid(),
+            "epoch": epoch + 1,
+            "films": sorted(int(i) for i in sampler),
+            "of": sampler.n,
+        },
+    )
+
+
 def final_evaluation(
     model: Classifier, datasets: dict, cfg: Config, device: torch.device, run_dir: Path
 ) -> dict:
@@ -479,6 +502,7 @@ def train_func(loop_config: dict) -> None:
     net = session.distributed(model)
     train_loader = loader(datasets["train"], cfg, session, shuffle=True)
     if not state["finished"]:
+        record_reads(run_dir, session, train_loader.sampler, state["epoch"])
         for name, ds in datasets.items():
             ds.preload(label=f"{cfg.model.arch} {name}" if session.is_main else "")
 

@@ -212,3 +212,24 @@ def test_train_job_fails_fast_on_bad_config():
     )
     assert proc.returncode != 0
     assert "train.optimiser: unknown key" in proc.stderr
+
+
+@pytest.mark.parametrize("n", [143, 144])
+def test_ddp_ranks_read_disjoint_equal_parts_that_change_each_epoch(n):
+    """What each Ray Train rank reads: no film on two ranks, the same number of steps on every
+    rank (DDP), at most world_size - 1 films left out, a new draw each epoch. One worker reads
+    every film."""
+    from cycle.data.dataset import EpochShuffle
+
+    for world in (2, 3):
+        parts = []
+        for rank in range(world):
+            sampler = EpochShuffle(n, seed=7, rank=rank, world_size=world)
+            parts.append(list(sampler))
+            assert len(sampler) == n // world
+        seen = [i for part in parts for i in part]
+        assert len(seen) == len(set(seen)) == n - n % world
+        sampler = EpochShuffle(n, seed=7, rank=0, world_size=world)
+        sampler.set_epoch(1)
+        assert list(sampler) != parts[0]
+    assert sorted(EpochShuffle(n, seed=7)) == list(range(n))

@@ -84,7 +84,7 @@ class ImageDataset(Dataset):
 
 
 class EpochShuffle(Sampler[int]):
-    """A permutation per epoch from (seed, epoch), split across ranks without overlap.
+    """A permutation per epoch from (seed, epoch), split across ranks into disjoint parts.
 
     Replaces DistributedSampler so that in-process, 1-worker and N-worker runs, fresh or
     resumed, all see a sequence fixed by the seed alone.
@@ -108,11 +108,10 @@ class EpochShuffle(Sampler[int]):
             order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
         else:
             order = np.arange(self.n)
-        # Pad to a multiple of world_size so every rank runs the same number of steps (DDP).
-        pad = (-self.n) % self.world_size
-        if pad and self.n:
-            order = np.concatenate([order, order[:pad]])
-        return order[self.rank :: self.world_size]
+        # Every rank the same number of films, so the same number of steps (DDP), and no film on
+        # two ranks: the fewer than world_size left over sit this epoch out (a new draw each epoch).
+        usable = len(order) - len(order) % self.world_size
+        return order[:usable][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices().tolist())
