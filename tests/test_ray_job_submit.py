@@ -7,6 +7,7 @@ as `ray start` sets it on Ray 2.59+. Only what this test started is stopped."""
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture()
 def ray_head(tmp_path):
     gcs, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # Token auth on, as `ray start` sets it, with a token of the test's own: `ray start` with
+    # RAY_AUTH_MODE=token and no ~/.ray/auth_token (a fresh machine) refuses to start.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp_dir = tempfile.mkdtemp(
         prefix="rayjob-", dir="/tmp"
     )  # Unix socket paths must stay under 108 bytes
@@ -36,7 +39,8 @@ def ray_head(tmp_path):
             "--head",
             "--block",
             f"--port={gcs}",
-            "--node-ip-address=127.0.0.1",
+            # Not 127.0.0.1, which Ray rewrites to the outward address: traffic stays on lo.
+            "--node-ip-address=127.0.0.2",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             f"--temp-dir={temp_dir}",
