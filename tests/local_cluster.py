@@ -42,8 +42,8 @@ class LocalCluster:
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     nodes: dict[str, Node] = field(default_factory=dict)
-    # Token auth on, as `ray start` sets it since 2.59, with a token of this cluster's own (given
-    # to every node and client): ~/.ray/auth_token stays untouched.
+    # Token auth on, as the README's recipes and the cluster files set it, with a token of this
+    # cluster's own (given to every node and client): ~/.ray/auth_token stays untouched.
     token: str = field(default_factory=lambda: secrets.token_hex(32))
 
     @property
