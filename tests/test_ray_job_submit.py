@@ -2,8 +2,9 @@
 CPUs (2 here: no over-declared CPUs), `ray job submit --working-dir . -- python jobs/cycle.py
 --config configs/smoke.yaml` in the default config's shape (two architectures side by side, one
 Ray Train worker each, Ray Data shards) against a running `mlflow server` (started by
-jobs/mlflow_server.sh), then the runs read back through MLflow's REST client. Token auth is on,
-as `ray start` sets it on Ray 2.59+. Only what this test started is stopped."""
+jobs/mlflow_server.sh), then the runs read back through MLflow's REST client. Token auth is on
+(a token of the test's own), as the README's recipe sets it. Only what this test started is
+stopped."""
 
 import json
 import os
@@ -26,8 +27,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture()
 def ray_head(tmp_path):
     gcs, dashboard = free_port(), free_port()
-    # Token auth on, as `ray start` sets it, with a token of the test's own: `ray start` with
-    # RAY_AUTH_MODE=token and no ~/.ray/auth_token (a fresh machine) refuses to start.
+    # A token of the test's own: `ray start` with RAY_AUTH_MODE=token and no ~/.ray/auth_token
+    # (a fresh machine) refuses to start.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp_dir = tempfile.mkdtemp(
         prefix="rayjob-", dir="/tmp"
