@@ -107,8 +107,13 @@ class CamConfig(Section):
     batch_size: int = Field(32, ge=1)
 
 
+# lungseg.weights=phantom: the U-Net trained on the phantoms' lung masks, on any data (on real
+# films an explicit choice whose mask quality is unmeasured).
+PHANTOM_LUNG_MODEL = "phantom"
+
+
 class LungsegConfig(Section):
-    weights: str | None = None
+    weights: str | None = None  # a U-Net's best.pt, or "phantom"; None: phantoms only
     image_size: int = Field(96, ge=32, le=1024)
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -225,6 +230,8 @@ class Config(Section):
         values = {}
         for key in PATH_KEYS:
             value = self.value_at(key)
+            if key == "lungseg.weights" and value == PHANTOM_LUNG_MODEL:
+                continue  # a name, not a path
             if value and "://" not in str(value):
                 values[key] = str((base / Path(value).expanduser()).resolve())
         return self.with_overrides(values) if values else self

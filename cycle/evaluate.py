@@ -3,9 +3,10 @@
 - Classification: P(PNEUMONIA) for every film of val, test and test_cf; accuracy, sensitivity,
   specificity, AUC, confusion matrix (metrics.json) and per-film predictions (CSV).
 - Localisation: where its CAM looks on test (and val), with 95% intervals, and the CAMs of a
-  fixed panel of 49 films for before/after pictures. Truth masks come from the phantom tree
-  where present (lungs, lesions, confounders); on real data the lung mask comes from the U-Net
-  and only the lung metrics are defined.
+  fixed panel of 49 films for before/after pictures; the context-swap probe (cycle.probe): how
+  much the answer comes from outside the lungs, on real films too. Truth masks come from the
+  phantom tree where present (lungs, lesions, confounders); on real data the lung mask comes from
+  the U-Net and only the lung metrics and the probe are defined.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cycle.localization import flat_summary, localization_metrics
 from cycle.lungseg.masks import load_lung_model
 from cycle.lungseg.masks import predict as predict_lungs
 from cycle.metrics import classification_metrics, confusion_matrix, prefixed
+from cycle.probe import context_probe
 
 EVAL_SPLITS = ("val", "test", "test_cf")
 PANEL = 49
@@ -128,13 +130,16 @@ def evaluate_localization(
     seed: int = 0,
     per_image_npz: str | Path | None = None,
     cam_depth: int = 0,
+    probe_dilate_px: int | None = None,
 ) -> dict[str, float]:
     """Mean and CI of each localisation metric over `records`; the panel's films, CAMs and
     predictions go to `out_npz` (for CAM grids and before/after pictures), each film's values in
-    record order to `per_image_npz` (for paired comparisons across cycles and seeds)."""
+    record order to `per_image_npz` (for paired comparisons across cycles and seeds). With
+    `probe_dilate_px`, also the context-swap probe (cycle.probe) on the same films and lungs."""
     model, pre = load_classifier(classifier_path)
     unet = _LazyLungModel(lung_model_path)
     per_image: dict[str, list[np.ndarray]] = {}
+    crops, lung_masks = [], []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         films = [pre.resize(load_grayscale(r.path)) for r in chunk]
@@ -145,7 +150,24 @@ def evaluate_localization(
         masks = _masks(chunk, films, pre, unet)
         for name, values in localization_metrics(cams, **masks).items():
             per_image.setdefault(name, []).append(values)
+        if probe_dilate_px is not None:
+            crops.extend(pre.crop(f) for f in films)
+            lung_masks.append(masks["lungs"])
     values = {k: np.concatenate(v) for k, v in per_image.items()}
+    if probe_dilate_px is not None and records:
+        labels = np.array([r.label for r in records])
+        values.update(
+            context_probe(
+                model,
+                np.stack(crops),
+                np.concatenate(lung_masks),
+                labels,
+                pre.normalise,
+                seed=seed,
+                dilate_px=probe_dilate_px,
+                batch_size=batch_size,
+            )
+        )
     summary = flat_summary(values, seed=seed)
     if per_image_npz is not None:
         arrays = {**values, "paths": np.array([str(r.path) for r in records])}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cycle.config import Config
+from cycle.config import PHANTOM_LUNG_MODEL, Config
 from cycle.lungseg import LungModelMissing, ensure_lung_model
 from cycle.tracking import store_problem
 
@@ -16,7 +16,10 @@ def input_problem(cfg: Config) -> str | None:
     data, a writable output_dir and Ray storage path, an MLflow server that answers."""
     if cfg.data.root is not None and not Path(cfg.data.root).exists():
         return f"data.root={cfg.data.root} does not exist"
-    if cfg.data.root is not None or cfg.lungseg.weights:
+    # lungseg.weights=phantom trains its model from nothing if needed: nothing to check here.
+    if (cfg.data.root is not None or cfg.lungseg.weights) and (
+        cfg.lungseg.weights != PHANTOM_LUNG_MODEL
+    ):
         try:
             # With these set it only checks, never trains.
             ensure_lung_model(cfg, log=lambda *_: None)

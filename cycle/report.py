@@ -31,6 +31,8 @@ REPORT_METRICS = (
     ("lung_energy_share", "lung share"),
     ("lesion_pointing_game", "pointing"),
     ("confounder_energy_share", "confounder share"),
+    ("context_reliance", "context reliance"),
+    ("seam_control_accuracy", "seam control"),
 )
 EVIDENCE_METRICS = (
     ("test_accuracy", "test acc"),
@@ -38,6 +40,8 @@ EVIDENCE_METRICS = (
     ("lesion_pointing_game", "pointing"),
     ("lung_energy_share", "lung share"),
     ("confounder_energy_share", "confounder share"),
+    ("context_reliance", "context reliance"),
+    ("seam_control_accuracy", "seam control"),
 )
 
 
@@ -65,7 +69,9 @@ def cycle_table(results: dict[str, list[dict]]) -> str:
     """One row per (architecture, cycle), metrics with 95% intervals where measured."""
 
     def measured(m: dict, key: str) -> str:
-        value = m.get(key, np.nan)
+        if key not in m:
+            return "n/a"  # needs truth this data lacks (test_cf, lesion or tag masks)
+        value = m[key]
         low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
         return f"{value:.3f}" + (f" ({low:.3f}-{high:.3f})" if low is not None else "")
 

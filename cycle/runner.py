@@ -252,6 +252,7 @@ class Runner:
                 seed=self.cfg.seed,
                 per_image_npz=stage / "per_image.npz",
                 cam_depth=self.cfg.cam.depth,
+                probe_dilate_px=self.cfg.enhance.dilate_px,
             )
         )
         # The same on val: what the stop rule and sweeps decide on (test only reports).
@@ -262,6 +263,7 @@ class Runner:
             lung_model,
             seed=self.cfg.seed,
             cam_depth=self.cfg.cam.depth,
+            probe_dilate_px=self.cfg.enhance.dilate_px,
         )
         metrics.update({f"val_{key}": value for key, value in val.items() if "_ci_" not in key})
         faults.reached("evaluate")

@@ -82,6 +82,11 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
             "lesion_pointing_game",
             "confounder_energy_share",
             "lung_energy_share_ci_low",
+            "context_reliance",
+            "context_reliance_ci_low",
+            "lung_consistent_accuracy",
+            "seam_control_accuracy",
+            "val_context_reliance",
         ):
             assert name in m, name
         assert (

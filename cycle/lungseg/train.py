@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cycle.checkpoint import read_checkpoint, restore_training_state, save_training_state
-from cycle.config import Config, config_hash
+from cycle.config import PHANTOM_LUNG_MODEL, Config, config_hash
 from cycle.data.prepare import data_root
 from cycle.data.records import Skipped
 from cycle.data.transforms import Augment, ImageLoadError
@@ -230,7 +230,19 @@ def lung_model_dir(cfg: Config) -> Path:
 
 
 def ensure_lung_model(cfg: Config, log=print) -> Path:
-    """The configured lung model, or (phantoms only) one trained once and reused."""
+    """The configured lung model, or (phantoms, or lungseg.weights=phantom) the U-Net trained
+    once on the phantoms' lung masks and reused."""
+    if cfg.lungseg.weights == PHANTOM_LUNG_MODEL:
+        if cfg.data.root is not None:
+            log(
+                "[plan] lung masks: the U-Net trained on the phantoms (lungseg.weights=phantom); "
+                "its quality on real films is unmeasured (no real lung masks here). For a measured "
+                "one, train on Montgomery, Shenzhen or JSRT: jobs/train_lungseg.py --data DIR"
+            )
+        # The same cached model as a phantom run of these settings.
+        return ensure_lung_model(
+            cfg.with_overrides({"data.root": None, "lungseg.weights": None}), log=log
+        )
     if cfg.lungseg.weights:
         path = Path(cfg.lungseg.weights)
         if not path.is_file():

@@ -1,0 +1,98 @@
+"""The context-swap probe on films and classifiers whose answer is known: one network reads
+only a corner outside the lungs (a planted tag), another only the middle of the lungs."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cycle.probe import compose, context_probe, probe_donors
+
+SIZE = 32
+LUNGS = np.zeros((SIZE, SIZE), bool)
+LUNGS[10:22, 10:22] = True
+
+
+def films(labels):
+    """Label 1: bright lungs and a bright tag in the corner; label 0: dark lungs, no tag."""
+    out = np.full((len(labels), SIZE, SIZE), 60, np.uint8)
+    for film, label in zip(out, labels):
+        film[LUNGS] = 200 if label else 90
+        film[:3, :3] = 250 if label else 0
+    return out
+
+
+class Reads(nn.Module):
+    """A classifier that answers 1 when the mean of one patch is bright (a fixed conv readout)."""
+
+    def __init__(self, rows: slice, cols: slice):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def forward(self, x):
+        bright = x[:, 0, self.rows, self.cols].mean(dim=(1, 2))
+        return torch.stack([torch.zeros_like(bright), bright - 0.6], dim=1)
+
+
+def normalise(film):
+    return torch.from_numpy(film.astype(np.float32) / 255.0).unsqueeze(0)
+
+
+LABELS = np.array([0, 1] * 10)
+LUNG_MASKS = np.repeat(LUNGS[None], len(LABELS), axis=0)
+
+
+def probe(model):
+    return context_probe(
+        model, films(LABELS), LUNG_MASKS, LABELS, normalise, seed=3, dilate_px=2, batch_size=8
+    )
+
+
+def test_a_classifier_that_reads_only_the_context_relies_on_it_fully():
+    values = probe(Reads(slice(0, 3), slice(0, 3)))  # the tag's corner
+    assert np.all(values["context_reliance"] == 1.0)
+    assert np.all(values["lung_consistent_accuracy"] == 0.0)
+    assert np.all(values["seam_control_accuracy"] == 1.0)  # same-class context: no harm
+
+
+def test_a_classifier_that_reads_only_the_lungs_does_not_rely_on_the_context():
+    values = probe(Reads(slice(14, 18), slice(14, 18)))
+    assert np.all(values["context_reliance"] == 0.0)
+    assert np.all(values["lung_consistent_accuracy"] == 1.0)
+    assert np.all(values["seam_control_accuracy"] == 1.0)
+
+
+def test_composed_films_keep_the_lungs_and_take_the_donors_context():
+    source = films(LABELS)
+    composed = compose(source[:2], LUNG_MASKS[:2], source[[1, 0]], dilate_px=2)
+    assert composed.dtype == np.uint8
+    np.testing.assert_array_equal(composed[:, LUNGS], source[:2][:, LUNGS])
+    np.testing.assert_array_equal(composed[:, :3, :3], source[[1, 0]][:, :3, :3])
+
+
+def test_donors_are_seeded_of_the_class_asked_for_and_never_the_film_itself():
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    other = probe_donors(labels, seed=1, same_class=False)
+    same = probe_donors(labels, seed=1, same_class=True)
+    assert np.all(labels[other] != labels) and np.all(labels[same] == labels)
+    assert np.all(same != np.arange(len(labels)))
+    np.testing.assert_array_equal(other, probe_donors(labels, seed=1, same_class=False))
+    many = np.array([0, 1] * 20)
+    assert not np.array_equal(
+        probe_donors(many, seed=1, same_class=False), probe_donors(many, seed=2, same_class=False)
+    )
+
+
+def test_films_without_a_donor_are_nan_never_a_number():
+    labels = np.array([1, 1, 1])  # no NORMAL film: no other-class donor
+    values = context_probe(
+        Reads(slice(0, 3), slice(0, 3)),
+        films(labels),
+        np.repeat(LUNGS[None], 3, axis=0),
+        labels,
+        normalise,
+        seed=0,
+    )
+    assert np.all(np.isnan(values["context_reliance"]))
+    assert np.all(np.isnan(values["lung_consistent_accuracy"]))
+    assert values["seam_control_accuracy"] == pytest.approx([1.0, 1.0, 1.0])
