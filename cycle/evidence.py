@@ -187,3 +187,50 @@ def collect(
                 }
             table.setdefault(arch, {})[variant] = row
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Does the probe track the truth?
+
+
+def probe_points(
+    out_dir: Path, prefix: str, seeds: list[int], variants: list[str], archs: list[str]
+) -> list[dict]:
+    """One point per evaluated (arch, seed, variant, cycle) of the finished runs: the probe's
+    context reliance on test beside the phantom truth it must track, the counterfactual gap
+    (test accuracy minus test_cf accuracy). A seed's baseline, shared by its variants, counts
+    once."""
+    points = []
+    for arch in archs:
+        for seed in seeds:
+            for variant in variants:
+                root = out_dir / run_name(prefix, seed, variant)
+                try:
+                    last = last_cycle(root, arch)
+                except FileNotFoundError:
+                    continue
+                for k in range(last + 1):
+                    if k == 0 and any(
+                        p["arch"] == arch and p["seed"] == seed and p["cycle"] == 0 for p in points
+                    ):
+                        continue
+                    values = per_film(root, arch, k)
+                    if "context_reliance" not in values or "test_cf_accuracy" not in values:
+                        continue
+                    points.append(
+                        {
+                            "arch": arch,
+                            "seed": seed,
+                            "variant": "baseline" if k == 0 else variant,
+                            "cycle": k,
+                            "context_reliance": float(np.nanmean(values["context_reliance"])),
+                            "seam_control_accuracy": float(
+                                np.nanmean(values["seam_control_accuracy"])
+                            ),
+                            "cf_gap": float(
+                                np.mean(values["test_accuracy"])
+                                - np.mean(values["test_cf_accuracy"])
+                            ),
+                        }
+                    )
+    return points

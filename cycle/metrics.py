@@ -7,9 +7,10 @@ Names as logged (DESIGN section 5): `{split}_loss`, `{split}_accuracy`, `{split}
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 METRIC_NAMES = ("loss", "accuracy", "sensitivity", "specificity", "auc")
@@ -70,3 +71,10 @@ def format_table(rows: Mapping[str, Mapping[str, float]], columns=("n", *METRIC_
     ]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 points."""
+    if len(x) < 3:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)

@@ -286,3 +286,32 @@ def sweep_scatter(
     fig.suptitle("sweep: settings vs objective (val)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def probe_vs_truth(points: Sequence[Mapping], rho: float, path: str | Path) -> Path:
+    """The context-swap probe against the phantom truth it must track: each evaluated (arch,
+    seed, variant, cycle) as a point, context reliance on x, counterfactual gap (test minus cf
+    accuracy) on y; one colour per variant, one marker per architecture."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    variants = sorted({p["variant"] for p in points})
+    archs = sorted({p["arch"] for p in points})
+    markers = "osD^v<>"
+    for vi, variant in enumerate(variants):
+        for ai, arch in enumerate(archs):
+            chosen = [p for p in points if p["variant"] == variant and p["arch"] == arch]
+            if chosen:
+                ax.scatter(
+                    [p["context_reliance"] for p in chosen],
+                    [p["cf_gap"] for p in chosen],
+                    color=plt.cm.tab10(vi),
+                    marker=markers[ai % len(markers)],
+                    label=f"{arch} · {variant}",
+                    alpha=0.8,
+                )
+    ax.set_xlabel("context reliance (probe, test)")
+    ax.set_ylabel("test acc − test_cf acc (truth)")
+    ax.set_title(f"probe vs truth: Spearman ρ = {rho:.2f} over {len(points)} cells")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -17,6 +17,7 @@ import numpy as np
 from cycle import plots
 from cycle.config import Config, dump_yaml
 from cycle.io import atomic_write_json, atomic_write_text
+from cycle.metrics import spearman
 
 if TYPE_CHECKING:  # annotations only: the runner imports this module
     from cycle.runner import CycleState, Runner, RunPaths
@@ -193,11 +194,30 @@ def evidence_table(table: dict) -> str:
     )
 
 
-def write_evidence_report(cfg: Config, prefix: str, table: dict, seeds: list[int]) -> Path:
-    """<output_dir>/<prefix>/evidence.md and evidence.json."""
+def write_evidence_report(
+    cfg: Config, prefix: str, table: dict, seeds: list[int], probe_points: Sequence[dict] = ()
+) -> Path:
+    """<output_dir>/<prefix>/evidence.md and evidence.json; with the probe's points (see
+    evidence.probe_points), how well it tracks the counterfactual gap, and probe_vs_truth.png."""
     folder = Path(cfg.output_dir) / prefix
     folder.mkdir(parents=True, exist_ok=True)
+    probe_section = []
+    if probe_points:
+        rho = spearman(
+            [p["context_reliance"] for p in probe_points], [p["cf_gap"] for p in probe_points]
+        )
+        plots.probe_vs_truth(probe_points, rho, folder / "probe_vs_truth.png")
+        probe_section = [
+            f"Does the probe track the truth? Over {len(probe_points)} evaluated cells (arch, "
+            "seed, variant, cycle; a seed's baseline once), the Spearman correlation of "
+            f"`context_reliance` with test minus test_cf accuracy is **{rho:.2f}** (goal >= 0.8).",
+            "",
+            "![probe vs truth](probe_vs_truth.png)",
+            "",
+        ]
     atomic_write_json(folder / "evidence.json", table)
+    if probe_points:
+        atomic_write_json(folder / "probe_points.json", list(probe_points))
     settings = (
         f"Settings: {cfg.cycles.max} cycle(s) of {cfg.cycles.epochs} epoch(s) "
         f"at lr {cfg.cycles.lr}, baseline {cfg.train.epochs} epochs, "
@@ -215,6 +235,7 @@ def write_evidence_report(cfg: Config, prefix: str, table: dict, seeds: list[int
             "",
             evidence_table(table),
             "",
+            *probe_section,
             settings,
             "",
         ]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import _common
 
-from cycle.evidence import VARIANTS, collect, run_evidence
+from cycle.evidence import VARIANTS, collect, probe_points, run_evidence
 from cycle.preflight import input_problem
 from cycle.report import write_evidence_report
 from cycle.tracking import track_evidence
@@ -55,8 +55,10 @@ def main() -> None:
     started = time.perf_counter()
     if not args.report_only:
         run_evidence(cfg, args.seeds, variants, args.name, inprocess_shards=args.inprocess_shards)
-    table = collect(Path(cfg.output_dir), args.name, args.seeds, variants, list(cfg.cycles.archs))
-    report = write_evidence_report(cfg, args.name, table, args.seeds)
+    out, archs = Path(cfg.output_dir), list(cfg.cycles.archs)
+    table = collect(out, args.name, args.seeds, variants, archs)
+    points = probe_points(out, args.name, args.seeds, variants, archs)
+    report = write_evidence_report(cfg, args.name, table, args.seeds, points)
     track_evidence(cfg, args.name, table, report)
     print(report.read_text())
     print(f"report       {report}\nfinished in {time.perf_counter() - started:.0f}s")

@@ -10,11 +10,13 @@ from cycle.config import Config
 from cycle.evidence import (
     collect,
     paired_bootstrap,
+    probe_points,
     run_name,
     share_baseline,
     variant_config,
 )
-from cycle.report import evidence_table
+from cycle.metrics import spearman
+from cycle.report import evidence_table, write_evidence_report
 
 
 def test_variants_change_only_the_enhancement_and_the_seed():
@@ -77,6 +79,14 @@ def _fake_run(root: Path, arch: str, cycles: dict[int, dict]) -> None:
             paths=np.array(paths),
             lesion_pointing_game=np.array(v["pointing"]),
             lung_energy_share=np.full(4, 0.2 + 0.1 * k),
+            **(
+                {
+                    "context_reliance": np.array(v["reliance"], float),
+                    "seam_control_accuracy": np.ones(4),
+                }
+                if "reliance" in v
+                else {}
+            ),
         )
         (evaluate / "DONE").write_text("{}")
 
@@ -118,3 +128,32 @@ def test_share_baseline_copies_a_finished_cycle_zero_once(tmp_path):
         target / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json"
     ).exists()  # logged anew
     assert (target / "records.json").is_file() and not list(target.glob("*.partial"))
+
+
+def test_probe_points_pair_the_probe_with_the_cf_gap_and_count_a_baseline_once(tmp_path):
+    base = {"correct": [1, 1, 1, 1], "cf": [0, 0, 0, 1], "pointing": [0.0] * 4}
+    last = {"correct": [1, 1, 1, 0], "cf": [1, 1, 0, 0], "pointing": [0.0] * 4}
+    base["reliance"], last["reliance"] = [1, 1, 1, 0], [0, 0, 1, 0]
+    for variant in ("context_swap", "control"):
+        _fake_run(tmp_path / run_name("ev", 0, variant), "resnet18", {0: base, 1: last})
+    variants = ["context_swap", "control"]
+    points = probe_points(tmp_path, "ev", [0, 1], variants, ["resnet18"])
+    assert [(p["variant"], p["cycle"]) for p in points] == [
+        ("baseline", 0),
+        ("context_swap", 1),
+        ("control", 1),
+    ]
+    assert points[0]["context_reliance"] == 0.75 and points[0]["cf_gap"] == 0.75
+    assert points[1]["context_reliance"] == 0.25 and points[1]["cf_gap"] == pytest.approx(0.25)
+    rho = spearman([p["context_reliance"] for p in points], [p["cf_gap"] for p in points])
+    assert rho == pytest.approx(1.0)
+    assert spearman([0.1, 0.2, 0.3], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+
+    cfg = Config(output_dir=str(tmp_path))
+    table = collect(tmp_path, "ev", [0], variants, ["resnet18"])
+    assert "context_reliance" in table["resnet18"]["context_swap"]
+    report = write_evidence_report(cfg, "ev", table, [0], points)
+    assert "Spearman correlation of `context_reliance`" in report.read_text() and "**1.00**" in (
+        report.read_text()
+    )
+    assert (tmp_path / "ev" / "probe_vs_truth.png").stat().st_size > 10_000
