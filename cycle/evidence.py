@@ -124,6 +124,19 @@ def last_cycle(run_root: Path, arch: str) -> int:
     return max(done)
 
 
+def finished_runs(out_dir: Path, prefix: str, seeds: list[int], variants: list[str], arch: str):
+    """(seed, variant, run folder, last finished cycle) of each run with a finished cycle of
+    `arch`, variant by variant, seed by seed."""
+    for variant in variants:
+        for seed in seeds:
+            root = out_dir / run_name(prefix, seed, variant)
+            try:
+                last = last_cycle(root, arch)
+            except FileNotFoundError:
+                continue
+            yield seed, variant, root, last
+
+
 def paired_bootstrap(
     before: list[np.ndarray], after: list[np.ndarray], n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:
@@ -156,12 +169,7 @@ def collect(
         for variant in variants:
             before, after = {}, {}
             used = []
-            for seed in seeds:
-                root = out_dir / run_name(prefix, seed, variant)
-                try:
-                    k = last_cycle(root, arch)
-                except FileNotFoundError:
-                    continue
+            for seed, _, root, k in finished_runs(out_dir, prefix, seeds, [variant], arch):
                 if k == 0:
                     continue
                 b, a = per_film(root, arch, 0), per_film(root, arch, k)
@@ -202,35 +210,23 @@ def probe_points(
     once."""
     points = []
     for arch in archs:
-        for seed in seeds:
-            for variant in variants:
-                root = out_dir / run_name(prefix, seed, variant)
-                try:
-                    last = last_cycle(root, arch)
-                except FileNotFoundError:
+        baselines = set()  # seeds whose cycle 0 is counted
+        for seed, variant, root, last in finished_runs(out_dir, prefix, seeds, variants, arch):
+            for k in range(0 if seed not in baselines else 1, last + 1):
+                values = per_film(root, arch, k)
+                if "context_reliance" not in values or "test_cf_accuracy" not in values:
                     continue
-                for k in range(last + 1):
-                    if k == 0 and any(
-                        p["arch"] == arch and p["seed"] == seed and p["cycle"] == 0 for p in points
-                    ):
-                        continue
-                    values = per_film(root, arch, k)
-                    if "context_reliance" not in values or "test_cf_accuracy" not in values:
-                        continue
-                    points.append(
-                        {
-                            "arch": arch,
-                            "seed": seed,
-                            "variant": "baseline" if k == 0 else variant,
-                            "cycle": k,
-                            "context_reliance": float(np.nanmean(values["context_reliance"])),
-                            "seam_control_accuracy": float(
-                                np.nanmean(values["seam_control_accuracy"])
-                            ),
-                            "cf_gap": float(
-                                np.mean(values["test_accuracy"])
-                                - np.mean(values["test_cf_accuracy"])
-                            ),
-                        }
-                    )
+                baselines.add(seed)
+                gap = np.mean(values["test_accuracy"]) - np.mean(values["test_cf_accuracy"])
+                points.append(
+                    {
+                        "arch": arch,
+                        "seed": seed,
+                        "variant": "baseline" if k == 0 else variant,
+                        "cycle": k,
+                        "context_reliance": float(np.nanmean(values["context_reliance"])),
+                        "seam_control_accuracy": float(np.nanmean(values["seam_control_accuracy"])),
+                        "cf_gap": float(gap),
+                    }
+                )
     return points
