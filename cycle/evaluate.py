@@ -143,7 +143,8 @@ def evaluate_localization(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         films = [pre.resize(load_grayscale(r.path)) for r in chunk]
-        x = torch.stack([pre.normalise(pre.crop(f)) for f in films])
+        chunk_crops = [pre.crop(f) for f in films]
+        x = torch.stack([pre.normalise(c) for c in chunk_crops])
         cams = compute_cam(
             model, x, method=cam_method, depth=cam_depth, batch_size=batch_size
         ).numpy()
@@ -151,7 +152,7 @@ def evaluate_localization(
         for name, values in localization_metrics(cams, **masks).items():
             per_image.setdefault(name, []).append(values)
         if probe_dilate_px is not None:
-            crops.extend(pre.crop(f) for f in films)
+            crops.extend(chunk_crops)
             lung_masks.append(masks["lungs"])
     values = {k: np.concatenate(v) for k, v in per_image.items()}
     if probe_dilate_px is not None and records:

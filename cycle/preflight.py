@@ -17,9 +17,8 @@ def input_problem(cfg: Config) -> str | None:
     if cfg.data.root is not None and not Path(cfg.data.root).exists():
         return f"data.root={cfg.data.root} does not exist"
     # lungseg.weights=phantom trains its model from nothing if needed: nothing to check here.
-    if (cfg.data.root is not None or cfg.lungseg.weights) and (
-        cfg.lungseg.weights != PHANTOM_LUNG_MODEL
-    ):
+    phantom_model = cfg.lungseg.weights == PHANTOM_LUNG_MODEL
+    if (cfg.data.root is not None or cfg.lungseg.weights) and not phantom_model:
         try:
             # With these set it only checks, never trains.
             ensure_lung_model(cfg, log=lambda *_: None)
