@@ -6,7 +6,8 @@
   fixed panel of 49 films for before/after pictures; the context-swap probe (cycle.probe): how
   much the answer comes from outside the lungs, on real films too. Truth masks come from the
   phantom tree where present (lungs, lesions, confounders); on real data the lung mask comes from
-  the U-Net and only the lung metrics and the probe are defined.
+  the U-Net and only the lung metrics and the probe are defined. The probe always composes with
+  the U-Net's lung masks, so that its check on the phantoms is the check of what real films get.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def evaluate_localization(
     """Mean and CI of each localisation metric over `records`; the panel's films, CAMs and
     predictions go to `out_npz` (for CAM grids and before/after pictures), each film's values in
     record order to `per_image_npz` (for paired comparisons across cycles and seeds). With
-    `probe_dilate_px`, also the context-swap probe (cycle.probe) on the same films and lungs."""
+    `probe_dilate_px`, also the context-swap probe (cycle.probe) on the same films, with the
+    U-Net's lung masks (phantoms too)."""
     model, pre = load_classifier(classifier_path)
     unet = _LazyLungModel(lung_model_path)
     per_image: dict[str, list[np.ndarray]] = {}
@@ -153,7 +155,10 @@ def evaluate_localization(
             per_image.setdefault(name, []).append(values)
         if probe_dilate_px is not None:
             crops.extend(chunk_crops)
-            lung_masks.append(masks["lungs"])
+            # The probe reads the U-Net's lungs even where truth masks exist: on phantoms it
+            # must see what it sees on real films, or its check against the truth flatters it.
+            truth_lungs = masks["lesions"] is not None
+            lung_masks.append(_unet_lungs(films, pre, unet) if truth_lungs else masks["lungs"])
     values = {k: np.concatenate(v) for k, v in per_image.items()}
     if probe_dilate_px is not None and records:
         labels = np.array([r.label for r in records])
@@ -192,6 +197,10 @@ def evaluate_localization(
     return summary
 
 
+def _unet_lungs(resized_films, pre, unet) -> np.ndarray:
+    return np.stack([pre.crop(m) for m in predict_lungs(unet.get(), list(resized_films))])
+
+
 def _masks(records: Sequence[Record], resized_films, pre, unet) -> dict[str, np.ndarray | None]:
     truth = [load_mask(r.path, "lungs") for r in records]
     if all(t is not None for t in truth):
@@ -199,12 +208,11 @@ def _masks(records: Sequence[Record], resized_films, pre, unet) -> dict[str, np.
         for kind in ("lesions", "confounders"):
             kinds[kind] = [load_mask(r.path, kind) for r in records]
         return {k: np.stack([pre.crop_mask(m) for m in v]) for k, v in kinds.items()}
-    lungs = predict_lungs(unet.get(), list(resized_films))
-    return {"lungs": np.stack([pre.crop(m) for m in lungs]), "lesions": None, "confounders": None}
+    return {"lungs": _unet_lungs(resized_films, pre, unet), "lesions": None, "confounders": None}
 
 
 class _LazyLungModel:
-    """The U-Net, loaded on first need: phantom films carry their truth masks and never need it."""
+    """The U-Net, loaded on first need: films with truth masks need it for the probe only."""
 
     def __init__(self, path: str | Path | None):
         self.path, self.model = path, None

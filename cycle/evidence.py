@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cycle.config import Config
+from cycle.data.records import ScanResult, records_of
+from cycle.evaluate import evaluate_localization
 from cycle.report import EVIDENCE_METRICS, write_cycle_report
 from cycle.runner import Runner
 
@@ -94,10 +96,13 @@ def _correct(path: Path) -> dict[str, float]:
         }
 
 
-def per_film(run_root: Path, arch: str, k: int) -> dict[str, np.ndarray]:
-    """Per-test-film values of one (run, arch, cycle), keyed by metric, in a fixed film order."""
+def per_film(
+    run_root: Path, arch: str, k: int, per_image: str = "per_image.npz"
+) -> dict[str, np.ndarray]:
+    """Per-test-film values of one (run, arch, cycle), keyed by metric, in a fixed film order;
+    `per_image` names the localisation file (see rescore_at_depth)."""
     train = run_root / f"cycle_{k}" / arch / "train"
-    loc = np.load(run_root / f"cycle_{k}" / arch / "evaluate" / "per_image.npz")
+    loc = np.load(run_root / f"cycle_{k}" / arch / "evaluate" / per_image)
     order = [str(p) for p in loc["paths"]]
     values = {name: loc[name].astype(np.float64) for name in loc.files if name != "paths"}
     test = _correct(train / "predictions_test.csv")
@@ -160,7 +165,12 @@ def paired_bootstrap(
 
 
 def collect(
-    out_dir: Path, prefix: str, seeds: list[int], variants: list[str], archs: list[str]
+    out_dir: Path,
+    prefix: str,
+    seeds: list[int],
+    variants: list[str],
+    archs: list[str],
+    per_image: str = "per_image.npz",
 ) -> dict:
     """{arch: {variant: {metric: {baseline, last, change, low, high, seeds}}}} over finished
     runs."""
@@ -172,7 +182,7 @@ def collect(
             for seed, _, root, k in finished_runs(out_dir, prefix, seeds, [variant], arch):
                 if k == 0:
                     continue
-                b, a = per_film(root, arch, 0), per_film(root, arch, k)
+                b, a = per_film(root, arch, 0, per_image), per_film(root, arch, k, per_image)
                 used.append(seed)
                 for metric, _ in EVIDENCE_METRICS:
                     if metric in b and metric in a:
@@ -195,6 +205,50 @@ def collect(
                 }
             table.setdefault(arch, {})[variant] = row
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The same checkpoints, mapped at another CAM depth
+
+
+def depth_file(depth: int) -> str:
+    return f"per_image_depth{depth}.npz"
+
+
+def rescore_at_depth(
+    cfg: Config,
+    prefix: str,
+    seeds: list[int],
+    variants: list[str],
+    depth: int,
+    log=print,
+) -> str:
+    """Localisation of every finished (run, arch, cycle) at CAM depth `depth`, on the same
+    checkpoints and test films, into per_image_depth{depth}.npz beside per_image.npz (kept
+    once written, so a rerun resumes). Returns that file name, for `collect`.
+
+    With the trust rule off (the default), control and context_swap build their training films
+    without the CAM, so this equals running them at that depth; highlight and suppress drew
+    their overlays from depth-0 CAMs, so for them it scores models trained on those."""
+    name, out = depth_file(depth), Path(cfg.output_dir)
+    for arch in cfg.cycles.archs:
+        for seed, variant, root, last in finished_runs(out, prefix, seeds, variants, arch):
+            test = records_of(ScanResult.load(root / "records.json").records, "test")
+            for k in range(last + 1):
+                target = root / f"cycle_{k}" / arch / "evaluate" / name
+                if target.is_file():
+                    continue
+                log(f"[evidence] cam.depth {depth}: seed {seed}, {variant}, {arch}, cycle {k}")
+                evaluate_localization(
+                    root / f"cycle_{k}" / arch / "train" / "best.pt",
+                    test,
+                    cfg.cam.method,
+                    seed=seed,
+                    per_image_npz=target,
+                    batch_size=cfg.cam.batch_size,
+                    cam_depth=depth,
+                )
+    return name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,14 @@ def write_cycle_report(runner: Runner, state: CycleState, tracking_note: str) ->
 # Evidence
 
 
-def evidence_table(table: dict) -> str:
+LOCALIZATION_METRICS = tuple(
+    (metric, label)
+    for metric, label in EVIDENCE_METRICS
+    if metric in ("lesion_pointing_game", "lung_energy_share", "confounder_energy_share")
+)
+
+
+def evidence_table(table: dict, metrics: Sequence[tuple[str, str]] = EVIDENCE_METRICS) -> str:
     """One row per (arch, variant): baseline -> last cycle, and the change with its 95% interval."""
 
     def change(m: dict | None) -> str:
@@ -180,13 +187,13 @@ def evidence_table(table: dict) -> str:
         return len(next(iter(row.values()))["seeds"] if row else [])
 
     return markdown_table(
-        ["arch", "variant", "seeds", *(label for _, label in EVIDENCE_METRICS)],
+        ["arch", "variant", "seeds", *(label for _, label in metrics)],
         (
             [
                 arch,
                 variant,
                 seeds(row),
-                *(change(row.get(metric)) for metric, _ in EVIDENCE_METRICS),
+                *(change(row.get(metric)) for metric, _ in metrics),
             ]
             for arch, variants in table.items()
             for variant, row in variants.items()
@@ -195,12 +202,31 @@ def evidence_table(table: dict) -> str:
 
 
 def write_evidence_report(
-    cfg: Config, prefix: str, table: dict, seeds: list[int], probe_points: Sequence[dict] = ()
+    cfg: Config,
+    prefix: str,
+    table: dict,
+    seeds: list[int],
+    probe_points: Sequence[dict] = (),
+    depth_tables: Mapping[int, dict] | None = None,
 ) -> Path:
     """<output_dir>/<prefix>/evidence.md and evidence.json; with the probe's points (see
-    evidence.probe_points), how well it tracks the counterfactual gap, and probe_vs_truth.png."""
+    evidence.probe_points), how well it tracks the counterfactual gap, and probe_vs_truth.png;
+    with `depth_tables` ({depth: table of evidence.rescore_at_depth's files}), the localisation
+    of the same checkpoints at those CAM depths (evidence_depth{d}.json)."""
     folder = Path(cfg.output_dir) / prefix
     folder.mkdir(parents=True, exist_ok=True)
+    depth_section = []
+    for depth, depth_table in (depth_tables or {}).items():
+        atomic_write_json(folder / f"evidence_depth{depth}.json", depth_table)
+        depth_section += [
+            f"Localisation of the same checkpoints at `cam.depth={depth}` (the main table: "
+            f"`cam.depth={cfg.cam.depth}`). Training did not change: for control and "
+            "context_swap (trust rule off) this is what a run at that depth gives; highlight "
+            f"and suppress were trained on overlays of depth-{cfg.cam.depth} CAMs.",
+            "",
+            evidence_table(depth_table, LOCALIZATION_METRICS),
+            "",
+        ]
     probe_section = []
     if probe_points:
         rho = spearman(
@@ -236,6 +262,7 @@ def write_evidence_report(
             evidence_table(table),
             "",
             *probe_section,
+            *depth_section,
             settings,
             "",
         ]

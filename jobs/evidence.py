@@ -3,10 +3,12 @@ over several seeds, with paired bootstrap 95% intervals.
 
     python jobs/evidence.py [--config FILE] [--set k=v ...] [--seeds 0 1 2]
                             [--variants control highlight suppress context_swap] [--name evidence]
+                            [--also-depth 1]
 
 Each (seed, variant) is an ordinary cycle run under output_dir (resumable: rerun the same command
 and finished stages are skipped); the baseline is trained once per seed and shared by the
 variants. Writes output_dir/<name>/evidence.md and evidence.json and logs them to MLflow.
+`--also-depth 1` maps the same checkpoints one block earlier and adds their localisation.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import _common
 
-from cycle.evidence import VARIANTS, collect, probe_points, run_evidence
+from cycle.evidence import VARIANTS, collect, probe_points, rescore_at_depth, run_evidence
 from cycle.preflight import input_problem
 from cycle.report import write_evidence_report
 from cycle.tracking import track_evidence
@@ -37,6 +39,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--report-only", action="store_true", help="only tabulate runs that already finished"
+    )
+    parser.add_argument(
+        "--also-depth",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="D",
+        help="also map the same checkpoints at these CAM depths and tabulate their localisation",
     )
     _common.inprocess_shards_argument(parser)
     args = parser.parse_args()
@@ -58,7 +68,19 @@ def main() -> None:
     out, archs = Path(cfg.output_dir), list(cfg.cycles.archs)
     table = collect(out, args.name, args.seeds, variants, archs)
     points = probe_points(out, args.name, args.seeds, variants, archs)
-    report = write_evidence_report(cfg, args.name, table, args.seeds, points)
+    depth_tables = {
+        depth: collect(
+            out,
+            args.name,
+            args.seeds,
+            variants,
+            archs,
+            rescore_at_depth(cfg, args.name, args.seeds, variants, depth),
+        )
+        for depth in dict.fromkeys(args.also_depth)
+        if depth != cfg.cam.depth
+    }
+    report = write_evidence_report(cfg, args.name, table, args.seeds, points, depth_tables)
     track_evidence(cfg, args.name, table, report)
     print(report.read_text())
     print(f"report       {report}\nfinished in {time.perf_counter() - started:.0f}s")

@@ -152,8 +152,67 @@ def test_probe_points_pair_the_probe_with_the_cf_gap_and_count_a_baseline_once(t
     cfg = Config(output_dir=str(tmp_path))
     table = collect(tmp_path, "ev", [0], variants, ["resnet18"])
     assert "context_reliance" in table["resnet18"]["context_swap"]
-    report = write_evidence_report(cfg, "ev", table, [0], points)
+    report = write_evidence_report(cfg, "ev", table, [0], points, {1: table})
     assert "Spearman correlation of `context_reliance`" in report.read_text() and "**1.00**" in (
         report.read_text()
     )
+    depth_part = report.read_text().split("`cam.depth=1`")[1]
+    assert "| pointing | lung share | confounder share |" in depth_part
+    assert "context reliance" not in depth_part.split("Settings")[0]  # localisation only
+    assert (tmp_path / "ev" / "evidence_depth1.json").is_file()
     assert (tmp_path / "ev" / "probe_vs_truth.png").stat().st_size > 10_000
+
+
+def test_rescoring_at_another_depth_maps_the_same_checkpoints_and_resumes(phantom_root, tmp_path):
+    import torch
+
+    from cycle.checkpoint import save_classifier
+    from cycle.data.records import records_of, scan
+    from cycle.evaluate import evaluate_localization
+    from cycle.evidence import rescore_at_depth
+    from cycle.models import build_model
+
+    cfg = Config(output_dir=str(tmp_path)).with_overrides(
+        {"cycles.archs": ["tinyvgg"], "data.image_size": 48, "model.arch": "tinyvgg"}
+    )
+    root = tmp_path / run_name("ev", 0, "control")
+    scanned = scan(phantom_root)
+    scanned.save(root / "records.json")
+    for k in (0, 1):
+        torch.manual_seed(k)
+        save_classifier(
+            root / f"cycle_{k}" / "tinyvgg" / "train" / "best.pt",
+            build_model("tinyvgg", image_size=48),
+            cfg,
+        )
+        (root / f"cycle_{k}" / "tinyvgg" / "evaluate").mkdir(parents=True)
+        (root / f"cycle_{k}" / "tinyvgg" / "evaluate" / "DONE").write_text("{}")
+
+    name = rescore_at_depth(cfg, "ev", [0], ["control"], depth=1, log=lambda _: None)
+    written = root / "cycle_1" / "tinyvgg" / "evaluate" / name
+    direct = tmp_path / "direct.npz"
+    evaluate_localization(
+        root / "cycle_1" / "tinyvgg" / "train" / "best.pt",
+        records_of(scanned.records, "test"),
+        cfg.cam.method,
+        seed=0,
+        per_image_npz=direct,
+        cam_depth=1,
+    )
+    for metric in ("lesion_pointing_game", "lung_energy_share", "paths"):
+        np.testing.assert_array_equal(np.load(written)[metric], np.load(direct)[metric])
+    evaluate_localization(
+        root / "cycle_1" / "tinyvgg" / "train" / "best.pt",
+        records_of(scanned.records, "test"),
+        cfg.cam.method,
+        per_image_npz=direct,
+        cam_depth=0,
+    )
+    depth0, depth1 = np.load(direct)["lung_energy_share"], np.load(written)["lung_energy_share"]
+    assert not np.allclose(depth0, depth1)  # the depth was passed on, not the default
+    assert (root / "cycle_0" / "tinyvgg" / "evaluate" / name).is_file()
+
+    before = written.stat().st_mtime_ns
+    seen = []
+    rescore_at_depth(cfg, "ev", [0], ["control"], depth=1, log=seen.append)
+    assert seen == [] and written.stat().st_mtime_ns == before  # kept, not mapped again

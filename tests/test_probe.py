@@ -96,3 +96,39 @@ def test_films_without_a_donor_are_nan_never_a_number():
     assert np.all(np.isnan(values["context_reliance"]))
     assert np.all(np.isnan(values["lung_consistent_accuracy"]))
     assert values["seam_control_accuracy"] == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_on_phantoms_the_probe_composes_with_the_unet_lungs_not_the_truth(phantom_root, tmp_path):
+    """The probe must see on phantoms what it sees on real films, where no truth masks exist."""
+    from cycle.checkpoint import load_classifier, save_classifier
+    from cycle.config import load_config
+    from cycle.data.records import records_of, scan
+    from cycle.data.transforms import load_grayscale
+    from cycle.evaluate import evaluate_localization
+    from cycle.lungseg import build_unet, load_lung_model, predict, save_lung_model
+    from cycle.models import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.arch=tinyvgg", "data.image_size=48"])
+    classifier = save_classifier(tmp_path / "best.pt", build_model("tinyvgg", image_size=48), cfg)
+    lung_model = save_lung_model(tmp_path / "unet.pt", build_unet(), image_size=48)
+    records = records_of(scan(phantom_root).records, "test")[:12]
+
+    # The truth-mask metrics need no U-Net; the probe does, even with truth masks on disk.
+    assert "lung_energy_share" in evaluate_localization(classifier, records, "gradcam")
+    with pytest.raises(ValueError, match="pass a lung model"):
+        evaluate_localization(classifier, records, "gradcam", probe_dilate_px=4)
+
+    npz = tmp_path / "per_image.npz"
+    evaluate_localization(
+        classifier, records, "gradcam", lung_model, per_image_npz=npz, seed=1, probe_dilate_px=4
+    )
+    model, pre = load_classifier(classifier)
+    films = [pre.resize(load_grayscale(r.path)) for r in records]
+    crops = np.stack([pre.crop(f) for f in films])
+    lungs = np.stack([pre.crop(m) for m in predict(load_lung_model(lung_model), films)])
+    labels = np.array([r.label for r in records])
+    expected = context_probe(model, crops, lungs, labels, pre.normalise, seed=1, dilate_px=4)
+    saved = np.load(npz)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(saved[name], values, err_msg=name)
