@@ -280,6 +280,12 @@ def probe_points(
                         "cycle": k,
                         "context_reliance": float(np.nanmean(values["context_reliance"])),
                         "seam_control_accuracy": float(np.nanmean(values["seam_control_accuracy"])),
+                        # = the logged context_gap; derived, so older runs have it too
+                        "context_gap": float(
+                            np.nanmean(
+                                values["seam_control_accuracy"] - values["lung_consistent_accuracy"]
+                            )
+                        ),
                         "cf_gap": float(gap),
                     }
                 )

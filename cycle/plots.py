@@ -288,30 +288,35 @@ def sweep_scatter(
     return _save(fig, path)
 
 
-def probe_vs_truth(points: Sequence[Mapping], rho: float, path: str | Path) -> Path:
+def probe_vs_truth(points: Sequence[Mapping], rhos: Mapping[str, float], path: str | Path) -> Path:
     """The context-swap probe against the phantom truth it must track: each evaluated (arch,
-    seed, variant, cycle) as a point, context reliance on x, counterfactual gap (test minus cf
-    accuracy) on y; one colour per variant, one marker per architecture."""
-    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    seed, variant, cycle) as a point, one panel per probe metric in `rhos` (its Spearman rho in
+    the title), counterfactual gap (test minus cf accuracy) on y; one colour per variant, one
+    marker per architecture; the dashed line is y = x."""
+    fig, axes = plt.subplots(
+        1, len(rhos), figsize=(5.0 * len(rhos), 4.2), sharey=True, squeeze=False
+    )
     variants = sorted({p["variant"] for p in points})
     archs = sorted({p["arch"] for p in points})
     markers = "osD^v<>"
-    for vi, variant in enumerate(variants):
-        for ai, arch in enumerate(archs):
-            chosen = [p for p in points if p["variant"] == variant and p["arch"] == arch]
-            if chosen:
-                ax.scatter(
-                    [p["context_reliance"] for p in chosen],
-                    [p["cf_gap"] for p in chosen],
-                    color=plt.cm.tab10(vi),
-                    marker=markers[ai % len(markers)],
-                    label=f"{arch} · {variant}",
-                    alpha=0.8,
-                )
-    ax.set_xlabel("context reliance (probe, test)")
-    ax.set_ylabel("test acc − test_cf acc (truth)")
-    ax.set_title(f"probe vs truth: Spearman ρ = {rho:.2f} over {len(points)} cells")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    for ax, (metric, rho) in zip(axes[0], rhos.items()):
+        for vi, variant in enumerate(variants):
+            for ai, arch in enumerate(archs):
+                chosen = [p for p in points if p["variant"] == variant and p["arch"] == arch]
+                if chosen:
+                    ax.scatter(
+                        [p.get(metric, np.nan) for p in chosen],
+                        [p["cf_gap"] for p in chosen],
+                        color=plt.cm.tab10(vi),
+                        marker=markers[ai % len(markers)],
+                        label=f"{arch} · {variant}",
+                        alpha=0.8,
+                    )
+        ax.plot([0, 1], [0, 1], "--", color="0.6", lw=0.8)
+        ax.set_xlabel(f"{metric} (probe, test)")
+        ax.set_title(f"Spearman ρ = {rho:.2f} over {len(points)} cells")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test acc − test_cf acc (truth)")
+    axes[0][0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return _save(fig, path)

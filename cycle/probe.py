@@ -10,7 +10,11 @@ the classifier predicts:
 - lung_consistent_accuracy: the prediction is i's label, on the same composed films;
 - seam_control_accuracy: the same composition with a donor of the *same* class, scored against
   i's label: what the seams alone cost (fine-tuning on composed films makes a model used to
-  seams, so a fall in reliance is read beside this control).
+  seams, so a fall in reliance is read beside this control);
+- context_gap: seam control minus lung-consistent accuracy, i.e. accuracy when the context agrees
+  with the lungs minus when it contradicts them: the probe's twin of the phantoms' counterfactual
+  gap (test minus test_cf accuracy). Reliance alone is 0.5 for a model that composites merely
+  confuse (a coin flip between lungs and context); the gap is 0 for it, as the truth is.
 
 Per-film values (NaN where a film has no donor of the class needed), summarised by the caller with
 bootstrap intervals. The donors depend on the labels and the seed only: every cycle and
@@ -27,7 +31,12 @@ from torch import nn
 
 from cycle.enhance import overlay
 
-PROBE_METRICS = ("context_reliance", "lung_consistent_accuracy", "seam_control_accuracy")
+PROBE_METRICS = (
+    "context_reliance",
+    "lung_consistent_accuracy",
+    "seam_control_accuracy",
+    "context_gap",
+)
 
 
 def probe_donors(labels: np.ndarray, seed: int, same_class: bool) -> np.ndarray:
@@ -110,4 +119,6 @@ def context_probe(
                 has, (preds == labels[np.maximum(donors, 0)]).astype(np.float64), np.nan
             )
             out["lung_consistent_accuracy"] = right
+    # Per film: +1 context agreeing helps, -1 it hurts; NaN where either composite is missing.
+    out["context_gap"] = out["seam_control_accuracy"] - out["lung_consistent_accuracy"]
     return out

@@ -34,6 +34,7 @@ REPORT_METRICS = (
     ("confounder_energy_share", "confounder share"),
     ("context_reliance", "context reliance"),
     ("seam_control_accuracy", "seam control"),
+    ("context_gap", "context gap"),
 )
 EVIDENCE_METRICS = (
     ("test_accuracy", "test acc"),
@@ -43,6 +44,7 @@ EVIDENCE_METRICS = (
     ("confounder_energy_share", "confounder share"),
     ("context_reliance", "context reliance"),
     ("seam_control_accuracy", "seam control"),
+    ("context_gap", "context gap"),
 )
 
 
@@ -229,14 +231,17 @@ def write_evidence_report(
         ]
     probe_section = []
     if probe_points:
-        rho = spearman(
-            [p["context_reliance"] for p in probe_points], [p["cf_gap"] for p in probe_points]
-        )
-        plots.probe_vs_truth(probe_points, rho, folder / "probe_vs_truth.png")
+        truth = [p["cf_gap"] for p in probe_points]
+        rhos = {
+            name: spearman([p.get(name, np.nan) for p in probe_points], truth)
+            for name in ("context_gap", "context_reliance")
+        }
+        plots.probe_vs_truth(probe_points, rhos, folder / "probe_vs_truth.png")
         probe_section = [
             f"Does the probe track the truth? Over {len(probe_points)} evaluated cells (arch, "
-            "seed, variant, cycle; a seed's baseline once), the Spearman correlation of "
-            f"`context_reliance` with test minus test_cf accuracy is **{rho:.2f}** (goal >= 0.8).",
+            "seed, variant, cycle; a seed's baseline once), the Spearman correlation with test "
+            f"minus test_cf accuracy is **{rhos['context_gap']:.2f}** for `context_gap` and "
+            f"**{rhos['context_reliance']:.2f}** for `context_reliance` (goal >= 0.8).",
             "",
             "![probe vs truth](probe_vs_truth.png)",
             "",

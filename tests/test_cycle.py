@@ -86,7 +86,9 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
             "context_reliance_ci_low",
             "lung_consistent_accuracy",
             "seam_control_accuracy",
+            "context_gap",
             "val_context_reliance",
+            "val_context_gap",
         ):
             assert name in m, name
         assert (

@@ -82,6 +82,7 @@ def _fake_run(root: Path, arch: str, cycles: dict[int, dict]) -> None:
             **(
                 {
                     "context_reliance": np.array(v["reliance"], float),
+                    "lung_consistent_accuracy": 1.0 - np.array(v["reliance"], float),
                     "seam_control_accuracy": np.ones(4),
                 }
                 if "reliance" in v
@@ -144,6 +145,7 @@ def test_probe_points_pair_the_probe_with_the_cf_gap_and_count_a_baseline_once(t
         ("control", 1),
     ]
     assert points[0]["context_reliance"] == 0.75 and points[0]["cf_gap"] == 0.75
+    assert points[0]["context_gap"] == 0.75  # seam control 1 minus lung-consistent 0.25
     assert points[1]["context_reliance"] == 0.25 and points[1]["cf_gap"] == pytest.approx(0.25)
     rho = spearman([p["context_reliance"] for p in points], [p["cf_gap"] for p in points])
     assert rho == pytest.approx(1.0)
@@ -153,9 +155,7 @@ def test_probe_points_pair_the_probe_with_the_cf_gap_and_count_a_baseline_once(t
     table = collect(tmp_path, "ev", [0], variants, ["resnet18"])
     assert "context_reliance" in table["resnet18"]["context_swap"]
     report = write_evidence_report(cfg, "ev", table, [0], points, {1: table})
-    assert "Spearman correlation of `context_reliance`" in report.read_text() and "**1.00**" in (
-        report.read_text()
-    )
+    assert "**1.00** for `context_gap` and **1.00** for `context_reliance`" in report.read_text()
     depth_part = report.read_text().split("`cam.depth=1`")[1]
     assert "| pointing | lung share | confounder share |" in depth_part
     assert "context reliance" not in depth_part.split("Settings")[0]  # localisation only

@@ -53,6 +53,7 @@ def test_a_classifier_that_reads_only_the_context_relies_on_it_fully():
     assert np.all(values["context_reliance"] == 1.0)
     assert np.all(values["lung_consistent_accuracy"] == 0.0)
     assert np.all(values["seam_control_accuracy"] == 1.0)  # same-class context: no harm
+    assert np.all(values["context_gap"] == 1.0)  # the context decides every answer
 
 
 def test_a_classifier_that_reads_only_the_lungs_does_not_rely_on_the_context():
@@ -60,6 +61,7 @@ def test_a_classifier_that_reads_only_the_lungs_does_not_rely_on_the_context():
     assert np.all(values["context_reliance"] == 0.0)
     assert np.all(values["lung_consistent_accuracy"] == 1.0)
     assert np.all(values["seam_control_accuracy"] == 1.0)
+    assert np.all(values["context_gap"] == 0.0)
 
 
 def test_composed_films_keep_the_lungs_and_take_the_donors_context():
@@ -96,6 +98,7 @@ def test_films_without_a_donor_are_nan_never_a_number():
     assert np.all(np.isnan(values["context_reliance"]))
     assert np.all(np.isnan(values["lung_consistent_accuracy"]))
     assert values["seam_control_accuracy"] == pytest.approx([1.0, 1.0, 1.0])
+    assert np.all(np.isnan(values["context_gap"]))  # it needs both composites
 
 
 def test_on_phantoms_the_probe_composes_with_the_unet_lungs_not_the_truth(phantom_root, tmp_path):

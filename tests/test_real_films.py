@@ -100,6 +100,7 @@ def test_the_cycle_runs_on_real_size_films_with_the_phantom_lung_model(real_tree
             "context_reliance",
             "lung_consistent_accuracy",
             "seam_control_accuracy",
+            "context_gap",
             "val_context_reliance",
         ):
             assert np.isfinite(metrics[name]), name
