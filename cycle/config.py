@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -102,8 +102,9 @@ class CamConfig(Section):
     # auto = the faithful map for the architecture (HiResCAM for Flatten+Linear heads).
     method: Literal["auto", "gradcam", "hirescam"] = "auto"
     # Blocks before the end of `.features` where the map is taken: 0 = the last (the contract's
-    # layer); 1 = one earlier, twice the resolution for ResNets (bench/cam_depth.py shows why).
-    depth: int = Field(0, ge=0)
+    # layer); 1 = one earlier, twice the resolution for ResNets; auto = the last block whose map
+    # is at least 6 x 6 (cycle.cam.resolve_depth; measured in docs/evidence.md).
+    depth: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     batch_size: int = Field(32, ge=1)
 
 

@@ -130,7 +130,7 @@ def evaluate_localization(
     batch_size: int = 32,
     seed: int = 0,
     per_image_npz: str | Path | None = None,
-    cam_depth: int = 0,
+    cam_depth: int | str = 0,
     probe_dilate_px: int | None = None,
 ) -> dict[str, float]:
     """Mean and CI of each localisation metric over `records`; the panel's films, CAMs and

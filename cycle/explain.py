@@ -115,9 +115,11 @@ def explain_files(
     device: str | torch.device = "cpu",
     progress=None,
     lung_model: torch.nn.Module | None = None,
+    depth: int | str = "auto",
 ) -> tuple[list[Explained], list[tuple[str, str]]]:
     """Write one overlay PNG per readable image and `predictions.csv`; return rows and skips.
-    With `lung_model`, also each film's lung energy share (CAM and lungs on the whole film)."""
+    With `lung_model`, also each film's lung energy share (CAM and lungs on the whole film).
+    `depth` is cam.depth (the default is the cycle's)."""
     out_dir = Path(out_dir)
     files, skipped = list_inputs(inputs)
     rows: list[Explained] = []
@@ -133,7 +135,7 @@ def explain_files(
         if not films:
             continue
         tensors = torch.stack([preprocess(f) for f in films]).to(device)
-        cams, logits = compute_cam(model, tensors, method=method, return_logits=True)
+        cams, logits = compute_cam(model, tensors, method, return_logits=True, depth=depth)
         probs = logits.softmax(dim=1)[:, 1].cpu().numpy()
         lungs = predict_lungs(lung_model, films) if lung_model is not None else [None] * len(films)
         for film, path, cam, p, lung in zip(films, paths, cams.cpu().numpy(), probs, lungs):

@@ -224,7 +224,7 @@ def write_evidence_report(
             f"Localisation of the same checkpoints at `cam.depth={depth}` (the main table: "
             f"`cam.depth={cfg.cam.depth}`). Training did not change: for control and "
             "context_swap (trust rule off) this is what a run at that depth gives; highlight "
-            f"and suppress were trained on overlays of depth-{cfg.cam.depth} CAMs.",
+            f"and suppress were trained on overlays of `cam.depth={cfg.cam.depth}` CAMs.",
             "",
             evidence_table(depth_table, LOCALIZATION_METRICS),
             "",

@@ -1,7 +1,7 @@
 """Explain your own chest X-rays with a trained classifier: an overlay PNG per image and a CSV.
 
     python jobs/explain.py --model outputs/RUN/best.pt IMAGE_OR_DIR... --out DIR [--method auto]
-                           [--lung-model outputs/lungseg/RUN/best.pt]
+                           [--depth auto] [--lung-model outputs/lungseg/RUN/best.pt]
 
 Writes DIR/overlays/<name>.png (the film with its CAM; the part outside the model's crop dimmed),
 DIR/predictions.csv (path, predicted class, probability) and DIR/skipped.csv for files that could
@@ -20,6 +20,12 @@ from cycle.explain import explain_files
 from cycle.lungseg.masks import load_lung_model
 
 
+def cam_depth(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 0):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto or a block count (0, 1, ...)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -34,6 +40,12 @@ def main() -> int:
         help="lung U-Net (jobs/train_lungseg.py): adds each film's lung energy share",
     )
     parser.add_argument("--method", default="auto", choices=["auto", "gradcam", "hirescam"])
+    parser.add_argument(
+        "--depth",
+        default="auto",
+        type=cam_depth,
+        help="cam.depth: auto (as the cycle maps), 0 = the last feature block, 1 = one earlier",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
@@ -47,16 +59,21 @@ def main() -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r  explained {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    rows, skipped = explain_files(
-        model,
-        preprocess,
-        args.inputs,
-        args.out,
-        args.method,
-        args.batch_size,
-        progress=progress,
-        lung_model=lung_model,
-    )
+    try:
+        rows, skipped = explain_files(
+            model,
+            preprocess,
+            args.inputs,
+            args.out,
+            args.method,
+            args.batch_size,
+            progress=progress,
+            lung_model=lung_model,
+            depth=args.depth,
+        )
+    except ValueError as err:  # a depth this architecture does not have
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 2
     print(file=sys.stderr)
     for row in rows:
         share = (

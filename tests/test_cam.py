@@ -2,8 +2,17 @@ import pytest
 import torch
 from pytorch_grad_cam import GradCAM, HiResCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
-from cycle.cam import at_depth, compute_cam, grad_cam, hires_cam, normalise, resolve_method
+from cycle.cam import (
+    at_depth,
+    compute_cam,
+    grad_cam,
+    hires_cam,
+    normalise,
+    resolve_depth,
+    resolve_method,
+)
 from cycle.models import build_model
 
 ARCHS = ["tinyvgg", "vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152"]
@@ -164,3 +173,29 @@ def test_an_impossible_cam_depth_names_the_range():
     ):
         compute_cam(model, torch.randn(1, 1, SIZE, SIZE), depth=2)
     assert at_depth(model, 0) is model
+
+
+@pytest.mark.parametrize(
+    "arch, size, expected",
+    [
+        ("resnet18", 96, 1),
+        ("resnet18", 224, 0),
+        ("tinyvgg", 96, 0),
+        ("vgg16", 96, 1),
+        ("resnet50", 64, 2),
+    ],
+)
+def test_auto_depth_takes_the_last_block_whose_map_is_at_least_six_cells(arch, size, expected):
+    torch.manual_seed(0)
+    model = build_model(arch, image_size=size)  # in training mode, as a training loop holds it
+    images = torch.randn(2, 1, size, size)
+    stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert resolve_depth(model, "auto", images) == expected
+    assert model.training and all(m.training for m in model.modules())  # modes put back
+    moved = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, moved))  # the dummy pass left no trace
+    assert resolve_depth(model, 0, images) == 0 and resolve_depth(model, 1, images) == 1
+    model.eval()
+    torch.testing.assert_close(
+        compute_cam(model, images, depth="auto"), compute_cam(model, images, depth=expected)
+    )

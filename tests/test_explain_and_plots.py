@@ -107,6 +107,28 @@ def test_explain_job_with_a_bad_checkpoint(tmp_path):
     assert proc.returncode == 2 and "meta" in proc.stderr
 
 
+def test_explain_job_with_a_depth_the_architecture_lacks(tmp_path, checkpoint):
+    Image.fromarray(np.full((80, 80), 100, np.uint8)).save(tmp_path / "film.png")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "explain.py"),
+            "--model",
+            str(checkpoint),
+            str(tmp_path / "film.png"),
+            "--out",
+            str(tmp_path / "o"),
+            "--depth",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "out of range: this model has 2 feature blocks, so use 0 to 1" in proc.stderr
+
+
 def test_cam_maps_back_onto_the_whole_film(checkpoint):
     _, preprocess = load_classifier(checkpoint)
     cam = np.zeros((48, 48), np.float32)
