@@ -604,7 +604,8 @@ def _track_trial(cfg: Config, sweep: str, row: dict) -> None:
 
 
 def track_evidence(cfg: Config, name: str, table: dict, report: Path) -> None:
-    """The evidence study's run: the config, each (arch, variant, metric) change, the report."""
+    """The evidence study's run: the config, each (arch, variant, metric) change, and the report
+    folder's files (the report, its tables as JSON, the probe's points and its plot)."""
     with Tracker(cfg, run_name=name, tags={"job": "evidence"}) as tracker:
         tracker.log_config()
         for arch, rows in table.items():
@@ -612,5 +613,6 @@ def track_evidence(cfg: Config, name: str, table: dict, report: Path) -> None:
                 tracker.log_metrics(
                     {f"{arch}.{variant}.{metric}_change": m["change"] for metric, m in row.items()}
                 )
-        tracker.log_artifact(report)
-        tracker.log_artifact(report.with_name("evidence.json"))
+        for path in sorted(report.parent.iterdir()):
+            if path.is_file() and path.suffix in (".md", ".json", ".png"):
+                tracker.log_artifact(path)

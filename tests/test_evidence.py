@@ -216,3 +216,32 @@ def test_rescoring_at_another_depth_maps_the_same_checkpoints_and_resumes(phanto
     seen = []
     rescore_at_depth(cfg, "ev", [0], ["control"], depth=1, log=seen.append)
     assert seen == [] and written.stat().st_mtime_ns == before  # kept, not mapped again
+
+
+def test_the_evidence_run_in_mlflow_keeps_the_whole_report_folder(tmp_path):
+    import mlflow
+
+    from cycle.tracking import track_evidence
+
+    base = {"correct": [1, 1, 1, 1], "cf": [0, 0, 0, 1], "pointing": [0.0] * 4, "reliance": [1] * 4}
+    last = {"correct": [1, 1, 1, 0], "cf": [1, 1, 0, 0], "pointing": [0.0] * 4, "reliance": [0] * 4}
+    _fake_run(tmp_path / run_name("ev", 0, "context_swap"), "resnet18", {0: base, 1: last})
+    db = tmp_path / "mlflow.db"
+    cfg = Config(output_dir=str(tmp_path)).with_overrides({"tracking.uri": f"sqlite:///{db}"})
+    table = collect(tmp_path, "ev", [0], ["context_swap"], ["resnet18"])
+    points = probe_points(tmp_path, "ev", [0], ["context_swap"], ["resnet18"])
+    report = write_evidence_report(cfg, "ev", table, [0], points, {1: table})
+    track_evidence(cfg, "ev", table, report)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id]
+    )[0]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "evidence.md",
+        "evidence.json",
+        "evidence_depth1.json",
+        "probe_points.json",
+        "probe_vs_truth.png",
+    } <= names
+    assert run.data.metrics["resnet18.context_swap.context_reliance_change"] == pytest.approx(-1.0)
