@@ -19,6 +19,7 @@ import numpy as np
 from cycle.config import Config
 from cycle.data.records import ScanResult, records_of
 from cycle.evaluate import evaluate_localization
+from cycle.probe import context_gap
 from cycle.report import EVIDENCE_METRICS, write_cycle_report
 from cycle.runner import Runner
 
@@ -280,10 +281,13 @@ def probe_points(
                         "cycle": k,
                         "context_reliance": float(np.nanmean(values["context_reliance"])),
                         "seam_control_accuracy": float(np.nanmean(values["seam_control_accuracy"])),
-                        # = the logged context_gap; derived, so older runs have it too
+                        # derived, not read: runs from before it was logged have it too
                         "context_gap": float(
                             np.nanmean(
-                                values["seam_control_accuracy"] - values["lung_consistent_accuracy"]
+                                context_gap(
+                                    values["seam_control_accuracy"],
+                                    values["lung_consistent_accuracy"],
+                                )
                             )
                         ),
                         "cf_gap": float(gap),

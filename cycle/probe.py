@@ -119,6 +119,11 @@ def context_probe(
                 has, (preds == labels[np.maximum(donors, 0)]).astype(np.float64), np.nan
             )
             out["lung_consistent_accuracy"] = right
-    # Per film: +1 context agreeing helps, -1 it hurts; NaN where either composite is missing.
-    out["context_gap"] = out["seam_control_accuracy"] - out["lung_consistent_accuracy"]
+    out["context_gap"] = context_gap(out["seam_control_accuracy"], out["lung_consistent_accuracy"])
     return out
+
+
+def context_gap(seam_control: np.ndarray, lung_consistent: np.ndarray) -> np.ndarray:
+    """Per film: +1 where the agreeing context helps, -1 where it hurts; NaN where either
+    composite is missing."""
+    return np.asarray(seam_control, np.float64) - np.asarray(lung_consistent, np.float64)
