@@ -141,8 +141,8 @@ def at_depth(model: nn.Module, depth: int = 0) -> nn.Module:
 # at its last block; one block earlier (6 x 6) its pointing game after a context_swap cycle is
 # 0.21 instead of 0.02 and its lung share 0.29 instead of 0.20, over 5 seeds (docs/evidence.md).
 # TinyVGG's last block (24 x 24) already passes, and one earlier points worse (0.16 instead of
-# 0.39). At 224 px every ResNet and VGG
-# maps 7 x 7 at its last block, the layer Grad-CAM's authors use.
+# 0.39). At 224 px every ResNet and VGG maps 7 x 7 at its last block, the layer Grad-CAM's
+# authors use.
 AUTO_MIN_SIDE = 6
 _block_sides_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -186,9 +186,9 @@ def compute_cam(
     depth: int | str = 0,
 ):
     """CAMs by method name, `depth` blocks before the end of `.features` ("auto": see
-    resolve_depth). With `batch_size`, in
-    chunks of exactly that many images (the last one padded): CPU convolutions round differently
-    at different batch sizes, so a film's map must not depend on how many came with it."""
+    resolve_depth). With `batch_size`, in chunks of exactly that many images (the last one
+    padded): CPU convolutions round differently at different batch sizes, so a film's map must
+    not depend on how many came with it."""
     model = at_depth(model, resolve_depth(model, depth, images))
     engine = METHODS[resolve_method(model, method)]
     if batch_size is None:
