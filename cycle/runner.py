@@ -146,15 +146,32 @@ class Runner:
         check_run_config(self.paths.root, cfg)  # a run folder belongs to one config
         self.paths.root.mkdir(parents=True, exist_ok=True)
         record_run_config(self.paths.root, cfg)
-        # Else nothing here needs Ray: a single GPU box without it runs the cycle too.
-        if cfg.resources.num_workers > 0 or not inprocess_shards:
-            import ray  # here only: the in-process cycle runs where Ray is not installed
+        self.use_gpu: bool | None = None  # decided by ensure_ray, when a stage first needs Ray
 
-            init_ray(cfg)
-            # GPUs or not, decided once for every stage of the job, and said.
-            use_gpu, line = decide_gpu(cfg.resources.use_gpu, ray.cluster_resources())
-            log(f"[plan] {line}")
-            self.cfg = cfg.with_overrides({"resources.use_gpu": use_gpu})
+    def ensure_ray(self) -> None:
+        """Ray, started (or joined) by the first stage that needs it: a resumed job whose stages
+        are done, or an in-process one, starts none (a single GPU box without Ray runs the cycle
+        too). GPUs or not is decided then, once for every later stage of the job, and said."""
+        if self.use_gpu is not None:
+            return
+        import ray  # here only: the in-process cycle runs where Ray is not installed
+
+        init_ray(self.cfg)
+        self.use_gpu, line = decide_gpu(self.cfg.resources.use_gpu, ray.cluster_resources())
+        log(f"[plan] {line}")
+
+    def stage_config(self, k: int, arch: str) -> Config:
+        """The config of one (cycle, architecture), as its MLflow run records it: fine-tuned from
+        the previous cycle's best weights after the baseline."""
+        previous = self.paths.stage(k - 1, arch, "train") / "best.pt" if k else None
+        return arch_config(self.cfg, arch, k, previous)
+
+    def running_config(self, k: int, arch: str) -> Config:
+        """stage_config with the job's GPU decision in it, for a stage that runs now."""
+        cfg = self.stage_config(k, arch)
+        if self.use_gpu is None:
+            return cfg
+        return cfg.with_overrides({"resources.use_gpu": self.use_gpu})
 
     def claim(self):
         return claim_run(self.paths.root)
@@ -187,14 +204,14 @@ class Runner:
             if self.cfg.resources.num_workers > 0
             else "in this process, one after another"
         )
+        if self.cfg.resources.num_workers > 0:
+            self.ensure_ray()
         log(f"[cycle {k}] training {', '.join(pending)} {how}")
 
         def fit(arch: str) -> str:
             stage = self.paths.stage(k, arch, "train")
-            previous = self.paths.stage(k - 1, arch, "train") / "best.pt" if k else None
-            cfg = arch_config(self.cfg, arch, k, previous)
             run_training(
-                cfg,
+                self.running_config(k, arch),
                 records,
                 stage,
                 name=f"{self.run_name}-c{k}-{arch}",
@@ -214,8 +231,10 @@ class Runner:
     def shards_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> Path:
         stage = self.paths.stage(k, arch, "shards")
         if not self.paths.done(stage):
+            if not self.inprocess_shards:
+                self.ensure_ray()
             previous = self.paths.stage(k - 1, arch, "train") / "best.pt"
-            cfg = arch_config(self.cfg, arch, k, previous)
+            cfg = self.running_config(k, arch)
             train = records_of(scan.records, "train")
             # val too: the fine-tune is selected on val films enhanced the same way (see train_func)
             build_shards(
@@ -307,5 +326,4 @@ class Runner:
 
     def track(self, k: int, arch: str, metrics: dict, shards: Path | None) -> None:
         if self.tracker is not None:
-            config = arch_config(self.cfg, arch, k, self.paths.stage(k, arch, "train") / "best.pt")
-            track_cycle(self, k, arch, metrics, shards, config)
+            track_cycle(self, k, arch, metrics, shards, self.stage_config(k, arch))

@@ -45,6 +45,27 @@ def tracking_uri(cfg: Config) -> str | None:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def artifact_root(uri: str | None) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (`<store's folder>/mlruns`)
+    rather than MLflow's default `./mlruns` under whatever folder the process runs in, so one
+    store's artifacts never scatter over the folders its jobs were started from. None (the
+    server's or MLflow's own choice) for any other store."""
+    store = uri or DEFAULT_STORE
+    if not store.startswith("sqlite:///"):
+        return None
+    database = Path(store.removeprefix("sqlite:///"))
+    return (database.resolve().parent / "mlruns").as_uri()
+
+
+def model_requirements() -> list[str]:
+    """What a logged classifier needs to load, pinned to the versions that wrote it (in CI those of
+    constraints.txt). Handed to MLflow so that it does not infer them: inference loads the model
+    again in a subprocess that imports torch and MLflow, seconds for every logged model."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "cloudpickle", "mlflow")]
+
+
 def tracking_store(cfg: Config) -> str:
     """The store this config logs to, for people to read: the URI, or MLflow's default store."""
     return tracking_uri(cfg) or DEFAULT_STORE
@@ -83,6 +104,18 @@ def server_problem(uri: str | None) -> str | None:
         return f"HTTP {err.code} {err.reason}{hint}"
     except OSError as err:
         return str(err)
+
+
+def _experiment(name: str, artifacts: str | None):
+    """The experiment, made active; created with its artifact root when it does not exist yet."""
+    import mlflow
+
+    if artifacts is not None and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=artifacts)
+        except mlflow.exceptions.MlflowException:
+            pass  # another job created it a moment ago: use that one
+    return mlflow.set_experiment(name)
 
 
 class Tracker:
@@ -126,7 +159,7 @@ class Tracker:
         def start():
             if uri:
                 mlflow.set_tracking_uri(uri)
-            experiment = mlflow.set_experiment(self.cfg.tracking.experiment)
+            experiment = _experiment(self.cfg.tracking.experiment, artifact_root(uri))
             for key, value in EXPERIMENT_KIND.items():
                 if experiment.tags.get(key) != value:
                     mlflow.set_experiment_tag(key, value)
@@ -236,6 +269,7 @@ class Tracker:
                 name=name,
                 input_example=input_example,
                 registered_model_name=registered_model_name,
+                pip_requirements=model_requirements(),
             ),
         )
 
@@ -298,7 +332,9 @@ def _log_checkpoint(checkpoint: str | Path, name: str):
 
     model, pre = load_classifier(checkpoint)
     example = np.zeros((2, 1, pre.size, pre.size), np.float32)
-    return mlflow.pytorch.log_model(model.eval(), name=name, input_example=example)
+    return mlflow.pytorch.log_model(
+        model.eval(), name=name, input_example=example, pip_requirements=model_requirements()
+    )
 
 
 class SavedRun(Tracker):

@@ -41,15 +41,16 @@ from cycle.evaluate import EVAL_SPLITS, autocast, evaluate_splits, split_metrics
 from cycle.io import atomic_write_json
 from cycle.metrics import format_table, prefixed
 from cycle.models import Classifier, build_model
+from cycle.ray_checkpoints import LAST, RAY_EPOCH, newest_checkpoint
 from cycle.resources import decide_gpu, trainer_request, waiting_message
 from cycle.watchdog import Watchdog
 
-LAST = "last.pt"  # model, optimiser, scheduler, epoch, early-stopping state, history
+# LAST (model, optimiser, scheduler, epoch, early-stopping state, history) and RAY_EPOCH (beside
+# it in Ray's checkpoint: its epoch and last.pt's size) are named in cycle.ray_checkpoints.
 BEST = "best.pt"  # model weights with the lowest val loss so far
 STARTED = (
     "started.json"  # written when a worker begins: the driver's watchdog knows it got resources
 )
-RAY_EPOCH = "epoch.json"  # beside last.pt in Ray's checkpoint: which epoch it holds
 EPOCH_LOG = (
     "epochs.log"  # one line per epoch executed (history.json is rebuilt from the checkpoint)
 )
@@ -92,31 +93,21 @@ class Session:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def resume_file(self, run_dir: Path) -> tuple[Path, str] | None:
-        """(checkpoint, where it came from): Ray's checkpoint on shared storage (a restarted
-        worker, maybe on another node), unless this node's own last.pt is newer (Ray registers a
-        checkpoint a moment after the epoch ends: a worker killed in between would redo it)."""
+    def resume_file(self, run_dir: Path) -> tuple[Path, str, str] | None:
+        """(file to read, where it came from, its location there): the newest complete checkpoint
+        in Ray's storage (a restarted worker, maybe on another node; see cycle.ray_checkpoints),
+        unless this node's own last.pt is newer."""
         path = run_dir / LAST
-        if self.in_ray:
-            import ray.train
-
-            checkpoint = ray.train.get_checkpoint()
-            if checkpoint is not None:
-                folder = Path(checkpoint.to_directory())
-                ray_epoch = (
-                    json.loads((folder / RAY_EPOCH).read_text())["epoch"]
-                    if (folder / RAY_EPOCH).is_file()
-                    else math.inf
-                )
-                history = run_dir / "history.json"
-                local_epoch = (
-                    len(json.loads(history.read_text()))
-                    if path.is_file() and history.is_file()
-                    else -1
-                )
-                if (folder / LAST).is_file() and ray_epoch >= local_epoch:
-                    return folder / LAST, "Ray storage checkpoint"
-        return (path, "local checkpoint") if path.is_file() else None
+        if self.in_ray and self.ray_checkpoints:
+            stored = newest_checkpoint()
+            history = run_dir / "history.json"
+            local_epoch = (
+                len(json.loads(history.read_text())) if path.is_file() and history.is_file() else -1
+            )
+            if stored is not None and stored.epoch >= local_epoch:
+                local = stored.to_directory() / LAST
+                return local, "Ray storage checkpoint", f"{stored.path}/{LAST}"
+        return (path, "local checkpoint", str(path)) if path.is_file() else None
 
     def distributed(self, model: nn.Module) -> nn.Module:
         """DDP across the Ray Train workers; the model itself with one worker or none."""
@@ -147,7 +138,8 @@ def stage_for_ray(last: Path, ray_dir: Path, epoch: int) -> Path:
     whole checkpoint each epoch), a copy where links are not possible, and its epoch (read on
     resume without loading the checkpoint)."""
     ray_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(ray_dir / RAY_EPOCH, {"epoch": epoch})
+    # Before last.pt goes in: a checkpoint is complete once last.pt has the size said here.
+    atomic_write_json(ray_dir / RAY_EPOCH, {"epoch": epoch, "bytes": last.stat().st_size})
     target = ray_dir / LAST
     tmp = ray_dir / f".{LAST}.tmp"
     tmp.unlink(missing_ok=True)
@@ -330,7 +322,7 @@ def restore(run_dir: Path, cfg: Config, session: Session, model, optimizer, sche
     if saved is not None:
         state = restore_training_state(saved, model, optimizer, scheduler)
         if session.is_main:
-            say(f"[{who}] resuming after epoch {state['epoch']} from the {resume[1]} {resume[0]}")
+            say(f"[{who}] resuming after epoch {state['epoch']} from the {resume[1]} {resume[2]}")
     if session.is_main:
         atomic_write_json(
             run_dir / STARTED,
@@ -338,7 +330,7 @@ def restore(run_dir: Path, cfg: Config, session: Session, model, optimizer, sche
                 "pid": os.getpid(),
                 "time": time.time(),
                 "resumed_after_epoch": state["epoch"],
-                "resumed_from": str(resume[0]) if saved is not None else None,
+                "resumed_from": resume[2] if saved is not None else None,
                 "resume_source": resume[1] if saved is not None else None,
             },
         )

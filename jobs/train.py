@@ -47,7 +47,8 @@ def main() -> None:
         print(f"note: skipped {len(scan.skipped)} unusable file(s); see {run_dir / 'records.json'}")
     records_path = scan.save(run_dir / "records.json")
 
-    init_ray(cfg)
+    if cfg.resources.num_workers > 0:  # in-process training (num_workers=0) needs no Ray
+        init_ray(cfg)
     try:
         flat = run_training(cfg, records_path, run_dir, name)
     except PretrainedWeightsError as err:

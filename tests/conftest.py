@@ -1,12 +1,17 @@
-"""Shared fixtures: a small phantom tree (made once per session) and one shared Ray session."""
+"""Shared fixtures: a small phantom tree, the smoke job's run (its phantoms and lung U-Net reused by
+every job a test starts) and one shared Ray session, each made once per session; and the fences
+that keep a test run to itself: no caller's cluster, tracking server or storage, a Ray temp dir
+of each test's own, no MLflow state carried from one test to the next."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +23,108 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# What points a process at the caller's cluster, tracking server, storage or fault injection. Gone
+# from this process, so from every job a test starts: a developer whose shell names a cluster or a
+# server runs the suite without a test killing a driver there or logging into it. A test that
+# needs one sets its own.
+CALLERS_ENVIRONMENT = (
+    "RAY_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_TMPDIR",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_RUN_ID",
+    "CYCLE_STORAGE_PATH",
+    "CYCLE_KILL_AT",
+    "CYCLE_HOLD_AT",
+    "CYCLE_HOLD_FILE",
+)
+for _name in CALLERS_ENVIRONMENT:
+    os.environ.pop(_name, None)
+
+
+def short_temp_dir(prefix: str) -> str:
+    """A folder for a Ray session. Short, under /tmp: Ray's Unix sockets live a session folder and
+    `sockets/plasma_store` below it, and a socket path over 107 bytes cannot be bound, which a
+    pytest tmp_path (`/tmp/pytest-of-<user>/pytest-<n>/<test name>/`) would make."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def kill_processes_naming(text: str) -> None:
+    """SIGKILL every process whose command line names `text` (a Ray temp dir), and its children:
+    Ray's daemons ignore SIGTERM, and those of a job killed by a test outlive it."""
+    from local_cluster import kill_tree_naming
+
+    kill_tree_naming(text)
+
+
+CACHES = {".pytest_cache", ".ruff_cache", "__pycache__", ".hypothesis", ".benchmarks"}
+STORES = {"mlruns", "mlflow.db", "outputs", "mlartifacts"}  # what a stray job leaves in its cwd
+
+
+def _checkout_entries() -> dict[str, int]:
+    """The checkout's top-level names, with the modification time of those a job would write."""
+    return {
+        p.name: (p.stat().st_mtime_ns if p.name in STORES else 0)
+        for p in ROOT.iterdir()
+        if p.name not in CACHES
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_checkout():
+    """Every test writes under its own tmp: no MLflow store, artifacts or outputs appear in (or
+    change) the checkout, whichever folder the suite runs from."""
+    before = _checkout_entries()
+    yield
+    after = _checkout_entries()
+    changed = sorted(name for name in after if before.get(name) != after[name])
+    assert not changed, f"the test run wrote into the checkout: {changed}"
+
+
+@pytest.fixture(autouse=True)
+def own_ray_temp_dir(monkeypatch):
+    """Every local Ray a job of this test starts (`ray.init` reads $RAY_TMPDIR) lives in a folder
+    of the test's own, and goes with the test: nothing piles up under /tmp/ray, and two suites on
+    one machine never share a session folder."""
+    temp_dir = short_temp_dir("rt-")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    try:
+        yield temp_dir
+    finally:
+        if os.listdir(temp_dir):
+            kill_processes_naming(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_state_between_tests():
+    """A tracking URI or experiment set, or a run left active, by one test does not reach the next
+    test, nor the jobs it starts: `mlflow.set_tracking_uri` and `set_experiment` also export
+    $MLFLOW_TRACKING_URI and $MLFLOW_EXPERIMENT_ID to every later subprocess."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        import mlflow.tracking.fluent
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # MLflow's own default again, the variable unset
+        mlflow.tracking.fluent._active_experiment_id = None
+    for name in CALLERS_ENVIRONMENT:
+        if name != "RAY_TMPDIR":  # own_ray_temp_dir's, put back by monkeypatch
+            os.environ.pop(name, None)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the shared in-process Ray run last, together: it is started once, and no other
+    test's Ray runs beside it."""
+    items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))
+
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
@@ -28,27 +135,97 @@ def phantom_root(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("phantoms"), spec, workers=1)
 
 
+def run_job(script: str, args: list[str], cwd: Path, timeout: float = 600, env=None):
+    """`python jobs/<script> ARGS` from `cwd`, as a user starts it; its output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+SMOKE = ["--config", str(ROOT / "configs" / "smoke.yaml")]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """`jobs/cycle.py --config configs/smoke.yaml` from nothing (phantoms and lung U-Net made on
+    first use), tracked in a SQLite store of its own: (output dir, store, the finished process)."""
+    out = tmp_path_factory.mktemp("cycle")
+    db = out / "mlflow.db"
+    sets = ["--set", f"output_dir={out}", "--set", f"tracking.uri=sqlite:///{db}"]
+    proc = run_job("cycle.py", [*SMOKE, *sets, "--run-name", "smoke"], out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, db, proc
+
+
+@pytest.fixture(scope="session")
+def smoke_assets(smoke_run) -> list[str]:
+    """`--set` flags that hand a job the smoke run's phantoms and lung U-Net: every later job of
+    the smoke config reuses them instead of making its own."""
+    out = smoke_run[0]
+    (lung_model,) = (out / "lungseg").glob("*/best.pt")
+    return [
+        "--set",
+        f"data.phantom.out_dir={out / 'phantoms'}",
+        "--set",
+        f"lungseg.weights={lung_model}",
+    ]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every test that needs it: starting Ray on 2 cores takes tens of seconds."""
     import ray
 
+    temp_dir = short_temp_dir("rs-")
+    # Its processes must not carry the $RAY_TMPDIR of the test that happens to start it: that
+    # test's clean-up kills whatever does.
+    test_temp_dir = os.environ.pop("RAY_TMPDIR", None)
     if not ray.is_initialized():
         ray.init(
             address="local",
             num_cpus=4,  # over-declared on purpose: see shared/RAY_NOTES.md (2-CPU deadlocks)
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+            _temp_dir=temp_dir,
         )
+    if test_temp_dir is not None:
+        os.environ["RAY_TMPDIR"] = test_temp_dir
     yield ray
     ray.shutdown()
+    kill_processes_naming(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def node_ports() -> list[str]:
+    """`ray start` flags naming every port a node binds, each a free one: Ray's defaults (52365 for
+    the dashboard agent, and so on) collide with a second suite's nodes, or a developer's Ray.
+    Workers bind ports of the kernel's choosing (no --min-worker-port)."""
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
+def head_ports() -> list[str]:
+    """The ports only a head binds, besides --port and --dashboard-port (the caller's)."""
+    return [f"--ray-client-server-port={free_port()}"]
 
 
 def wait_for(url: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -15,12 +15,11 @@ import secrets
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port
+from conftest import free_port, head_ports, node_ports, short_temp_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every node and the GCS on loopback. Not 127.0.0.1: Ray rewrites that (and "localhost") to the
@@ -63,8 +62,10 @@ class LocalCluster:
 
     def _start(self, name: str, args: list[str]) -> Node:
         # Unix socket paths must stay under 108 bytes: a short folder under /tmp.
-        temp_dir = tempfile.mkdtemp(prefix=f"rn-{name}-", dir="/tmp")
-        env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
+        temp_dir = short_temp_dir(f"rn-{name}-")
+        # Not the test's $RAY_TMPDIR either: the node outlives that test, whose clean-up kills
+        # what names it.
+        env = {k: v for k, v in self.env.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
         process = subprocess.Popen(
             [
                 "ray",
@@ -73,6 +74,7 @@ class LocalCluster:
                 f"--node-ip-address={LOOPBACK}",
                 f"--temp-dir={temp_dir}",
                 "--disable-usage-stats",
+                *node_ports(),
                 *args,
             ],
             cwd=self.logs,
@@ -94,6 +96,7 @@ class LocalCluster:
                 f"--port={self.gcs_port}",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
+                *head_ports(),
             ],
         )
         deadline = time.time() + timeout
@@ -139,15 +142,8 @@ class LocalCluster:
     def kill(self, name: str) -> None:
         """SIGKILL a node: its raylet, agents and workers, as a machine that dies."""
         node = self.nodes.pop(name)
-        for pid in _tree({node.process.pid} | _naming(node.temp_dir)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree_naming(node.temp_dir, also={node.process.pid})
         node.process.wait()
-        deadline = time.time() + 30
-        while _naming(node.temp_dir) and time.time() < deadline:
-            time.sleep(0.5)  # killed processes linger until reaped
         shutil.rmtree(node.temp_dir, ignore_errors=True)
 
     def stop(self) -> None:
@@ -247,8 +243,23 @@ class LocalCluster:
         raise TimeoutError(f"job {submission_id} did not end in {timeout:.0f} s")
 
 
+def kill_tree_naming(text: str, also: set[int] | None = None) -> None:
+    """SIGKILL every process whose command line names `text` (a node's temp dir), the pids in
+    `also`, and all their children; returns once none naming `text` is left."""
+    for pid in _tree(set(also or ()) | _naming(text)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    while _naming(text) and time.time() < deadline:
+        time.sleep(0.2)  # killed processes linger until reaped
+
+
 def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every live process, read from /proc."""
+    """pid -> (parent pid, command line and environment) of every live process, from /proc. The
+    environment too: Ray's agents rename themselves (`ray::DashboardAgent`), so their command line
+    no longer names the temp dir, while $RAY_TMPDIR they inherited still does."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -258,6 +269,8 @@ def _processes() -> dict[int, tuple[int, str]]:
                 stat = handle.read()
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
                 cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                cmdline += " " + handle.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...

@@ -1,4 +1,6 @@
-"""The main job end to end on the smoke config: stages, resume after a kill, MLflow, fail-fast."""
+"""The main job end to end on the smoke config: stages, resume after a kill, MLflow, fail-fast.
+The smoke run itself (`smoke_run`, made from nothing) and its phantoms and lung U-Net
+(`smoke_assets`, reused by every later job) are session fixtures in conftest.py."""
 
 import json
 import os
@@ -9,44 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SMOKE, run_job
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = [
-    sys.executable,
-    str(ROOT / "jobs" / "cycle.py"),
-    "--config",
-    str(ROOT / "configs" / "smoke.yaml"),
-]
+JOB = [sys.executable, str(ROOT / "jobs" / "cycle.py"), *SMOKE]
 
 
 def _run(args, cwd, timeout=600, env=None):
-    return subprocess.run(
-        JOB + args,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-    )
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cycle")
-    db = out / "mlflow.db"
-    proc = _run(
-        [
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            f"tracking.uri=sqlite:///{db}",
-            "--run-name",
-            "smoke",
-        ],
-        out,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, db, proc
+    return run_job("cycle.py", [*SMOKE, *args], cwd, timeout=timeout, env=env)
 
 
 @pytest.mark.ray
@@ -91,9 +63,12 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
             "val_context_gap",
         ):
             assert name in m, name
-        assert (
-            len(client.get_metric_history(child.info.run_id, "train_loss")) >= 1
-        )  # per-epoch curve
+        # The per-epoch curve: one point for every epoch the stage trained, the baseline's 2 too.
+        stage = run_dir / f"cycle_{child.data.tags['cycle']}" / "tinyvgg" / "train"
+        epochs = [row["epoch"] for row in json.loads((stage / "history.json").read_text())]
+        curve = client.get_metric_history(child.info.run_id, "train_loss")
+        assert sorted(point.step for point in curve) == epochs, (curve, epochs)
+        assert len(epochs) == (2 if child.data.tags["cycle"] == "0" else 1)
         assert child.data.params["model.arch"] == "tinyvgg"
         pictures = {a.path for a in client.list_artifacts(child.info.run_id, "pictures")}
         assert "pictures/cam_grid.png" in pictures and "pictures/confusion_test_cf.png" in pictures
@@ -168,6 +143,30 @@ def test_every_cycle_s_weights_load_back_from_mlflow(smoke_run):
     assert winner.run_id != loser.info.run_id
 
 
+def bar_values_by_run(driver) -> dict[str, str]:
+    """run id -> the label of its bar in the charts shown: the runs table gives each run a colour
+    (and links its id), the bar chart draws each run's bar in that colour."""
+    import re
+
+    from selenium.webdriver.common.by import By
+
+    def rgb(css: str) -> tuple[int, ...]:
+        return tuple(int(float(x)) for x in re.findall(r"[\d.]+", css)[:3])
+
+    runs = {}
+    for label in driver.find_elements(
+        By.CSS_SELECTOR, '[data-testid="experiment-view-table-run-color"]'
+    ):
+        link = label.find_element(By.XPATH, "following-sibling::a").get_attribute("href")
+        runs[rgb(label.value_of_css_property("background-color"))] = link.rsplit("/", 1)[-1]
+    bars = {}
+    for bar in driver.find_elements(By.CSS_SELECTOR, "g.point"):
+        colour = rgb(bar.find_element(By.TAG_NAME, "path").value_of_css_property("fill"))
+        text = bar.find_element(By.CSS_SELECTOR, "text.bartext").get_attribute("data-unformatted")
+        bars[runs[colour]] = text
+    return bars
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
@@ -195,16 +194,17 @@ def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
     out, db, _ = smoke_run
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("cycle-smoke")
-    (cf_run,) = client.search_runs(
-        [experiment.experiment_id], "attributes.run_name = 'cycle 1 · tinyvgg'"
-    )
-    value = f"{cf_run.data.metrics['test_cf_accuracy']:.2f}"
+    children = client.search_runs([experiment.experiment_id], "attributes.run_name LIKE 'cycle %'")
+    values = {r.info.run_id: f"{r.data.metrics['test_cf_accuracy']:.2f}" for r in children}
     names = ["smoke", "cycle 0 · tinyvgg", "cycle 1 · tinyvgg"]
     with local_ui(f"sqlite:///{db}", free_port()) as base, headless_chromium() as driver:
         page = show_comparison(driver, base, experiment.experiment_id, names, "test_cf_accuracy")
         assert "workflowType=machine_learning" in driver.current_url  # training runs, not GenAI
+        shown = bar_values_by_run(driver)
     assert all(name in page for name in names)
-    assert "test_cf_accuracy" in page and value in page, value
+    # As a person reads the chart: one bar per (cycle, arch) run, in the run's colour, labelled
+    # with that run's own value.
+    assert len(values) == 2 and shown == values, (shown, values)
 
     # The README's screenshot command, on this store.
     picture = tmp_path / "compare.png"
@@ -228,51 +228,6 @@ def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
     assert picture.stat().st_size > 20_000 and picture.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_the_default_shape_runs_from_another_folder_with_a_relative_output_dir(smoke_run, tmp_path):
-    """What users run: two architectures side by side, one Ray Train worker each (each in a folder
-    of its own, where a relative path handed from the driver would point nowhere), Ray Data shards,
-    a relative output_dir, started from a folder that is not the repo."""
-    out, _, _ = smoke_run
-    elsewhere = tmp_path / "somewhere"
-    elsewhere.mkdir()
-    proc = _run(
-        [
-            "--set",
-            "output_dir=rel/out",
-            "--set",
-            "resources.num_workers=1",
-            "--set",
-            "cycles.archs=[tinyvgg,resnet18]",
-            "--set",
-            "tracking.enabled=false",
-            "--set",
-            f"data.phantom.out_dir={out / 'phantoms'}",
-            "--set",
-            f"lungseg.weights={next((out / 'lungseg').glob('*/best.pt'))}",
-            "--run-name",
-            "shape",
-        ],
-        elsewhere,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "| tinyvgg | 1 |" in proc.stdout and "| resnet18 | 1 |" in proc.stdout
-    assert "training tinyvgg, resnet18 side by side" in proc.stderr
-    assert (elsewhere / "rel" / "out" / "shape" / "report.md").is_file()
-    assert (
-        elsewhere
-        / "rel"
-        / "out"
-        / "shape"
-        / "cycle_1"
-        / "resnet18"
-        / "shards"
-        / "data"
-        / "manifest.json"
-    ).is_file()
-
-
 def _numbers(results: dict) -> dict:
     return {
         (arch, k, key): v
@@ -294,41 +249,37 @@ def _epochs_run(run_dir: Path) -> dict[str, list[int]]:
     }
 
 
-# Where the job is killed: a shard file written (the build unfinished), mid-epoch (the 7th step:
-# epoch 2 of the baseline), localisation measured but the stage not marked, an MLflow child run
-# half logged, a model version registered but not recorded.
-KILL_POINTS = ["shards:part@2", "train:step@7", "evaluate", "track@2", "register"]
+# Where the job is killed, in the order a run reaches them: mid-epoch (the 7th step: epoch 2 of the
+# baseline), localisation measured but the stage not marked, a shard file written (the build
+# unfinished), an MLflow child run half logged (cycle 1's: cycle 0's is complete by then), a model
+# version registered but not recorded. One chain: each resumed process is killed at the next point.
+KILL_POINTS = ["train:step@7", "evaluate", "shards:part@2", "track", "register"]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_a_job_killed_anywhere_resumes_to_the_uninterrupted_answer(smoke_run, tmp_path, point):
+def test_a_job_killed_anywhere_resumes_to_the_uninterrupted_answer(
+    smoke_run, smoke_assets, tmp_path
+):
     import mlflow
 
     out, _, _ = smoke_run
-    lung_model = next((out / "lungseg").glob("*/best.pt"))
     db = tmp_path / "mlflow.db"
-    common = [
-        "--set",
-        f"output_dir={tmp_path}",
-        "--set",
-        f"data.phantom.out_dir={out / 'phantoms'}",
-        "--set",
-        f"lungseg.weights={lung_model}",
-        "--set",
-        f"tracking.uri=sqlite:///{db}",
-    ]
-    killed = _run(common + ["--run-name", "killed"], tmp_path, env={"CYCLE_KILL_AT": point})
-    assert killed.returncode == -signal.SIGKILL, f"{point} never reached:\n" + killed.stderr[-3000:]
+    common = [*smoke_assets, "--set", f"output_dir={tmp_path}"]
+    common += ["--set", f"tracking.uri=sqlite:///{db}"]
+    said = {}
+    for i, point in enumerate(KILL_POINTS):
+        how = ["--run-name", "killed"] if i == 0 else ["--resume", "killed"]
+        killed = _run(common + how, tmp_path, env={"CYCLE_KILL_AT": point})
+        said[point] = killed.stdout + killed.stderr
+        assert killed.returncode == -signal.SIGKILL, f"{point} not reached:\n{said[point][-3000:]}"
+    assert "resuming after epoch 1 from the local checkpoint" in said["evaluate"]
 
     proc = _run(common + ["--resume", "killed"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    if point.startswith("train"):
-        assert "resuming after epoch 1 from the local checkpoint" in proc.stdout + proc.stderr
     resumed = json.loads((tmp_path / "killed" / "results.json").read_text())["results"]
     reference = json.loads((out / "smoke" / "results.json").read_text())["results"]
-    # Every cycle, not only the interrupted stage: the same seed gives the same answer.
+    # Every cycle, not only the interrupted stages: the same seed gives the same answer.
     assert _numbers(resumed) == pytest.approx(_numbers(reference), abs=1e-6, nan_ok=True)
     # Nothing ran twice: a restart from scratch would log epoch 1 again.
     for stage, epochs in _epochs_run(tmp_path / "killed").items():
@@ -342,10 +293,13 @@ def test_a_job_killed_anywhere_resumes_to_the_uninterrupted_answer(smoke_run, tm
     assert all(r.info.status == "FINISHED" for r in runs)
     assert len(client.search_model_versions("name='cycle-classifier'")) == 1
 
-    again = _run(common + ["--resume", "killed"], tmp_path)  # everything done: nothing re-runs
-    assert again.returncode == 0 and "training" not in again.stderr
-    if point == KILL_POINTS[-1]:  # once is enough: files damaged after the run finished
-        _damaged_files_are_redone(tmp_path / "killed", common, reference)
+    # Everything done: nothing re-runs, and no Ray is started for nothing.
+    idle_ray = tmp_path / "ray-of-the-no-op"
+    idle_ray.mkdir()
+    again = _run(common + ["--resume", "killed"], tmp_path, env={"RAY_TMPDIR": str(idle_ray)})
+    assert again.returncode == 0 and "training" not in again.stderr, again.stderr[-3000:]
+    assert not list(idle_ray.iterdir()), "a resume with nothing to do started Ray"
+    _damaged_files_are_redone(tmp_path / "killed", common, reference)
 
 
 def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict) -> None:
@@ -374,61 +328,78 @@ def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict)
     assert _numbers(resumed) == pytest.approx(_numbers(reference), abs=1e-6, nan_ok=True)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
-def test_an_mlflow_server_that_dies_mid_run_loses_nothing(smoke_run, tmp_path):
+def test_an_mlflow_server_that_dies_mid_run_loses_nothing(smoke_assets, tmp_path):
     """The server stops after the baseline is logged: training goes on, the job says what it could
-    not log, and once the server is back `--resume` logs it (no second child run, one version)."""
+    not log, and once the server is back `--resume` logs it (no second child run, one version).
+
+    The job is in the default's shape, as users run it: two architectures side by side, one Ray
+    Train worker each (each in a folder of its own, where a relative path handed from the driver
+    would point nowhere), Ray Data shards, a relative output_dir, started from a folder that is
+    not the repo."""
     import mlflow
     from conftest import free_port, start_mlflow_server, stop
 
-    out, _, _ = smoke_run
     port = free_port()
     root, server_log = tmp_path / "mlflow-server", tmp_path / "mlflow.log"
     server = start_mlflow_server(root, port, server_log)
     uri = f"http://127.0.0.1:{port}"
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
     common = [
+        *smoke_assets,
         "--set",
-        f"output_dir={tmp_path}",
+        "output_dir=rel/out",
         "--set",
-        f"data.phantom.out_dir={out / 'phantoms'}",
+        "resources.num_workers=1",
         "--set",
-        f"lungseg.weights={next((out / 'lungseg').glob('*/best.pt'))}",
+        "cycles.archs=[tinyvgg,resnet18]",
         "--set",
         f"tracking.uri={uri}",
     ]
+    run_dir = elsewhere / "rel" / "out" / "outage"
     try:
         job = subprocess.Popen(
             JOB + common + ["--run-name", "outage"],
-            cwd=tmp_path,
+            cwd=elsewhere,
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        logged = tmp_path / "outage" / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json"
-        deadline = time.time() + 400
+        logged = run_dir / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json"
+        deadline = time.time() + 500
         while (
             not (logged.is_file() and json.loads(logged.read_text())["complete"])
             and time.time() < deadline
         ):
             assert job.poll() is None, job.communicate()[1][-3000:]
             time.sleep(0.2)
-        stop(server)  # the baseline is logged; cycle 1 is not
+        stop(server)  # the baseline of one architecture is logged; the rest is not
         stdout, stderr = job.communicate(timeout=600)
         assert job.returncode == 1, stderr[-3000:]
         assert "MLflow" in stderr and "stopped answering" in stderr and "--resume outage" in stderr
-        assert (tmp_path / "outage" / "results.json").is_file()  # training finished all the same
-        assert "| tinyvgg | 1 |" in stdout
+        assert (run_dir / "results.json").is_file()  # training finished all the same
+        assert "| tinyvgg | 1 |" in stdout and "| resnet18 | 1 |" in stdout
+        assert "training tinyvgg, resnet18 side by side" in stderr
+        assert (run_dir / "report.md").is_file()
+        assert (run_dir / "cycle_1" / "resnet18" / "shards" / "data" / "manifest.json").is_file()
 
         server = start_mlflow_server(root, port, server_log)  # the same store, back again
-        proc = _run(common + ["--resume", "outage"], tmp_path)
+        proc = _run(common + ["--resume", "outage"], elsewhere)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "training" not in proc.stderr  # nothing trained again: only logged
 
         client = mlflow.MlflowClient(tracking_uri=uri)
         runs = client.search_runs([client.get_experiment_by_name("cycle-smoke").experiment_id])
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-        assert sorted(r.data.tags["cycle"] for r in children) == ["0", "1"]
-        assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 3
+        assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children) == [
+            ("0", "resnet18"),
+            ("0", "tinyvgg"),
+            ("1", "resnet18"),
+            ("1", "tinyvgg"),
+        ]
+        assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 5
         assert all("test_accuracy" in r.data.metrics for r in children)
         assert len(client.search_model_versions("name='cycle-classifier'")) == 1
     finally:
@@ -488,7 +459,7 @@ def test_real_data_without_a_lung_model_fails_fast(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_cycle_runs_without_ray_or_mlflow_in_process(tmp_path):
+def test_the_cycle_runs_without_ray_or_mlflow_in_process(smoke_assets, tmp_path):
     """A single GPU box without Ray: in-process training and shards, tracking off. `import ray`
     and `import mlflow` are made to fail, so any hidden dependency shows."""
     blocker = (
@@ -510,6 +481,7 @@ def test_the_cycle_runs_without_ray_or_mlflow_in_process(tmp_path):
             "tracking.enabled=false",
             "--set",
             "resources.num_workers=0",
+            *smoke_assets,
             "--inprocess-shards",
             "--run-name",
             "noray",

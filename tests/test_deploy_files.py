@@ -455,6 +455,52 @@ def test_requirements_split_runtime_from_test_tools_and_constraints_pin_what_ci_
     }
 
 
+def imported_top_level_modules(folder: Path) -> set[str]:
+    """Every top-level module the files under `folder` import, at any depth of the code."""
+    import ast
+
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_package_the_code_imports_is_declared():
+    """A package imported by the library or the jobs and named in no requirements file works here
+    by accident (another package pulled it in) and breaks on the next image: the library and jobs
+    declare it in requirements-runtime.txt, the benchmarks may use the test tools too."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    def declared(path: Path) -> set[str]:
+        lines = [r for r in requirement_lines(path) if not r.startswith("-")]
+        return {canonicalize_name(Requirement(r).name) for r in lines}
+
+    runtime = declared(ROOT / "requirements-runtime.txt")
+    everything = runtime | declared(ROOT / "requirements.txt")
+    distributions = packages_distributions()
+    ours = {"cycle", "_common"}  # the package itself, and jobs/_common.py
+
+    def undeclared(folder: str, allowed: set[str]) -> dict[str, list[str]]:
+        third_party = {
+            module: sorted({canonicalize_name(d) for d in distributions[module]})
+            for module in imported_top_level_modules(ROOT / folder) - ours
+            if module in distributions  # the standard library has no distribution
+        }
+        return {m: ds for m, ds in third_party.items() if not set(ds) & allowed}
+
+    # selenium: only the screenshot helpers, a tool for people with a browser (requirements.txt)
+    assert undeclared("cycle", runtime | {"selenium"}) == {}
+    assert undeclared("jobs", runtime | {"selenium"}) == {}
+    assert undeclared("bench", everything) == {}
+
+
 def test_the_image_installs_the_runtime_part_under_the_constraints():
     steps = [
         line.strip()

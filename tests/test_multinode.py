@@ -10,8 +10,8 @@ them; where things ran is read from Ray's state API.
   (e) a sweep whose two trials run on the two nodes at once.
 
 Each trainer asks for 2 CPUs, all a worker node has, so two trainers (or trials) at once must be
-on two nodes. The jobs share one output_dir: the first makes the phantoms and the lung U-Net, the
-others reuse them."""
+on two nodes. The jobs share one output_dir, and reuse the phantoms and lung U-Net of the session's
+smoke run (`smoke_assets`), as they would reuse those the first job on a cluster made."""
 
 import json
 import math
@@ -25,9 +25,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # Each trainer (or trial) takes a whole 2-CPU worker node.
 ONE_NODE_EACH = ["--set", "resources.cpus_per_worker=2"]
+REQUEST = "Requesting resources: {'CPU': 2.0} * 1"  # a Ray Train controller asking for a worker
 
 
-def cycle_job(out: Path, run: str, *sets: str) -> list[str]:
+def cycle_job(out: Path, assets: list[str], run: str, *sets: str) -> list[str]:
     return [
         "python",
         "jobs/cycle.py",
@@ -37,6 +38,7 @@ def cycle_job(out: Path, run: str, *sets: str) -> list[str]:
         f"output_dir={out}",  # absolute: a relative one lands in the job's copy of the checkout
         "--set",
         "tracking.enabled=false",
+        *assets,
         *ONE_NODE_EACH,
         *sets,
         "--run-name",
@@ -49,7 +51,7 @@ def wait_until(what: str, check, timeout: float) -> None:
     while time.time() < deadline:
         if check():
             return
-        time.sleep(3)
+        time.sleep(3)  # each look is a `ray job` CLI call: seconds of CPU on 2 cores
     raise TimeoutError(what)
 
 
@@ -77,7 +79,7 @@ def out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def from_zero(cluster, out):
+def from_zero(cluster, out, smoke_assets):
     """The default's shape (two architectures, one Ray Train worker each) submitted to the head
     alone; the worker nodes join once the job waits for them."""
     assert [n for n in cluster.nodes if n != "head"] == []
@@ -85,6 +87,7 @@ def from_zero(cluster, out):
         "from-zero",
         cycle_job(
             out,
+            smoke_assets,
             "from-zero",
             "--set",
             "resources.num_workers=1",
@@ -92,12 +95,12 @@ def from_zero(cluster, out):
             "cycles.archs=[tinyvgg,resnet18]",
         ),
     )
+    # Waiting, on evidence: both trainers have asked Ray for their worker and neither has one.
     wait_until(
-        "the job reaches training",
-        lambda: "[cycle 0] training tinyvgg, resnet18" in cluster.logs_of("from-zero"),
+        "both trainers ask for a worker",
+        lambda: cluster.logs_of("from-zero").count(REQUEST) == 2,
         timeout=600,
     )
-    time.sleep(10)
     waiting = cluster.logs_of("from-zero"), cluster.status("from-zero")
     cluster.add_workers("w1", "w2")
     status, logs = cluster.wait("from-zero")
@@ -117,7 +120,7 @@ def test_d_a_job_submitted_before_any_worker_node_waits_then_runs(from_zero, out
 def test_a_two_architectures_train_side_by_side_on_two_nodes(from_zero, cluster, out):
     assert from_zero["status"] == "SUCCEEDED", from_zero["logs"][-5000:]
     # Side by side: both trainers asked for their worker before either had one.
-    assert from_zero["waiting_logs"].count("Requesting resources: {'CPU': 2.0} * 1") == 2
+    assert from_zero["waiting_logs"].count(REQUEST) == 2
     for k in (0, 1):
         nodes = {}
         for arch in ("tinyvgg", "resnet18"):
@@ -128,11 +131,12 @@ def test_a_two_architectures_train_side_by_side_on_two_nodes(from_zero, cluster,
         assert sorted(nodes.values()) == ["w1", "w2"], f"cycle {k}: {nodes}"
 
 
-def test_b_ddp_across_two_nodes_reads_disjoint_data(from_zero, cluster, out):
+def test_b_ddp_across_two_nodes_reads_disjoint_data(from_zero, cluster, out, smoke_assets):
     cluster.submit(
         "ddp",
         cycle_job(
             out,
+            smoke_assets,
             "ddp",
             "--set",
             "resources.num_workers=2",
@@ -165,13 +169,16 @@ def test_b_ddp_across_two_nodes_reads_disjoint_data(from_zero, cluster, out):
     assert abs(two["accuracy"] - p) <= noise, (one, two)
 
 
-def test_c_a_node_killed_mid_epoch_resumes_from_ray_storage(from_zero, cluster, out, tmp_path):
+def test_c_a_node_killed_mid_epoch_resumes_from_ray_storage(
+    from_zero, cluster, out, tmp_path, smoke_assets
+):
     hold = tmp_path / "held"
     # 144 training films in batches of 32: 5 steps an epoch; step 7 is in the middle of epoch 2.
     cluster.submit(
         "killed",
         cycle_job(
             out,
+            smoke_assets,
             "killed",
             "--set",
             "resources.num_workers=1",
@@ -186,8 +193,8 @@ def test_c_a_node_killed_mid_epoch_resumes_from_ray_storage(from_zero, cluster, 
         ),
         env_vars={"CYCLE_HOLD_AT": "train:step@7", "CYCLE_HOLD_FILE": str(hold)},
     )
-    wait_until("the worker is held mid-epoch", hold.is_file, timeout=600)
-    time.sleep(1)
+    # The file is written whole (its pid) before the worker holds: no pause needed after it.
+    wait_until("the worker is held mid-epoch", lambda: hold.is_file() and hold.read_text(), 600)
     held_pid = int(hold.read_text())
     victim = cluster.name_of(cluster.node_of(held_pid, "RayTrainWorker"))
     stage = train_dir(out, "killed", 0, "tinyvgg")
@@ -206,7 +213,9 @@ def test_c_a_node_killed_mid_epoch_resumes_from_ray_storage(from_zero, cluster, 
     assert [row["epoch"] for row in read_json(stage / "history.json")] == [1, 2, 3]
 
 
-def test_e_a_sweep_runs_two_trials_on_two_nodes_at_once(from_zero, cluster, out, tmp_path):
+def test_e_a_sweep_runs_two_trials_on_two_nodes_at_once(
+    from_zero, cluster, out, tmp_path, smoke_assets
+):
     space = tmp_path / "two.yaml"
     space.write_text("enhance.strength: {grid_search: [0.5, 1.0]}\n")
     cluster.submit(
@@ -226,6 +235,7 @@ def test_e_a_sweep_runs_two_trials_on_two_nodes_at_once(from_zero, cluster, out,
             "sweep.cpus_per_trial=2",
             "--set",
             "sweep.max_concurrent_trials=2",
+            *smoke_assets,
             "--name",
             "two",
         ],

@@ -11,12 +11,19 @@ import os
 import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, stop, wait_for
+from conftest import (
+    free_port,
+    head_ports,
+    kill_processes_naming,
+    node_ports,
+    short_temp_dir,
+    stop,
+    wait_for,
+)
 
 from cycle.resources import plan_shard_pool
 
@@ -30,9 +37,8 @@ def ray_head(tmp_path):
     # A token of the test's own: `ray start` with RAY_AUTH_MODE=token and no ~/.ray/auth_token
     # (a fresh machine) refuses to start.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    temp_dir = tempfile.mkdtemp(
-        prefix="rayjob-", dir="/tmp"
-    )  # Unix socket paths must stay under 108 bytes
+    env.pop("RAY_TMPDIR", None)  # the head has a --temp-dir of its own
+    temp_dir = short_temp_dir("rayjob-")
     head = subprocess.Popen(
         [
             "ray",
@@ -46,6 +52,8 @@ def ray_head(tmp_path):
             f"--dashboard-port={dashboard}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
+            *head_ports(),
+            *node_ports(),
         ],
         cwd=tmp_path,
         env=env,
@@ -58,6 +66,7 @@ def ray_head(tmp_path):
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         stop(head)
+        kill_processes_naming(temp_dir)  # Ray's daemons ignore the SIGTERM stop() sends first
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -89,7 +98,7 @@ def _submit(address, env, args, runtime_env=None, timeout=900):
 
 
 def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(
-    tmp_path, mlflow_server, ray_head
+    tmp_path, mlflow_server, ray_head, smoke_assets
 ):
     import mlflow
 
@@ -99,7 +108,7 @@ def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(
     submit = _submit(
         address,
         env,
-        [*default_shape, "--set", f"output_dir={out}", "--run-name", "submitted"],
+        [*default_shape, *smoke_assets, "--set", f"output_dir={out}", "--run-name", "submitted"],
         {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}},
     )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
@@ -115,9 +124,12 @@ def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(
     parent = next(r for r in runs if r.data.tags.get("job") == "cycle")
     assert parent.info.status == "FINISHED" and parent.info.run_name == "submitted"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children)[:2] == [
+    # Both cycles of both architectures (the stop rule cannot stop one after its baseline).
+    assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children) == [
         ("0", "resnet18"),
         ("0", "tinyvgg"),
+        ("1", "resnet18"),
+        ("1", "tinyvgg"),
     ]
     assert all("test_accuracy" in r.data.metrics for r in children)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {

@@ -1,5 +1,5 @@
-"""The smoke sweep run as a user runs it: Ray Tune trials, ASHA, MLflow runs, the best config;
-and a sweep killed mid-way resumed without rerunning its finished trials."""
+"""The smoke sweep run as a user runs it: killed mid-way and resumed without rerunning its finished
+trials, then Ray Tune's trials, ASHA, MLflow runs and the best config checked on the result."""
 
 import json
 import os
@@ -48,19 +48,47 @@ def _finished_trials(out: Path, name: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def sweep_run(tmp_path_factory):
+def sweep_run(tmp_path_factory, smoke_assets):
+    """One sweep, as a user lives it: killed (the driver and the Ray it started) once a trial has
+    finished, then `--resume`d to the end. (output dir, the finished trials before the kill and
+    after the resume, the resumed process)."""
     out = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run(
-        JOB + _args(out) + ["--name", "smoke"], capture_output=True, text=True, timeout=900, cwd=out
+    args = _args(out) + smoke_assets
+    proc = subprocess.Popen(
+        JOB + args + ["--name", "smoke"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=out,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out, proc
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None and not _finished_trials(out, "smoke"):
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
+    before = _finished_trials(out, "smoke")
+    resumed = subprocess.run(
+        JOB + args + ["--resume", "smoke"], capture_output=True, text=True, timeout=900, cwd=out
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    return out, before, _finished_trials(out, "smoke"), resumed
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_run):
+    out, before, after, resumed = sweep_run
+    assert before, "no trial finished before the kill"
+    assert "resuming" in resumed.stderr
+    assert {k: after[k] for k in before} == before  # finished trials were not run again
+    trials = json.loads((out / "sweeps" / "smoke" / "trials.json").read_text())
+    assert len(trials) == 4 and not [t for t in trials if t["status"] == "error"]
 
 
 def test_smoke_sweep_runs_trials_stops_some_early_and_tracks_them(sweep_run):
     import mlflow
 
-    out, proc = sweep_run
+    out, _, _, proc = sweep_run
     sweep_dir = out / "sweeps" / "smoke"
     trials = json.loads((sweep_dir / "trials.json").read_text())
     assert len(trials) == 4 and not [t for t in trials if t["status"] == "error"]
@@ -95,41 +123,3 @@ def test_smoke_sweep_runs_trials_stops_some_early_and_tracks_them(sweep_run):
     } <= artifacts
     version = client.get_model_version_by_alias("cycle-classifier", "sweep_best")
     assert version.run_id == parent.info.run_id
-
-
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    proc = subprocess.Popen(
-        JOB + _args(tmp_path) + ["--name", "resume"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    try:
-        while (
-            time.time() < deadline
-            and proc.poll() is None
-            and not _finished_trials(tmp_path, "resume")
-        ):
-            time.sleep(2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-        proc.wait()
-    before = _finished_trials(tmp_path, "resume")
-    assert before, "no trial finished before the kill"
-    assert not (tmp_path / "sweeps" / "resume" / "trials.json").exists()
-
-    resumed = subprocess.run(
-        JOB + _args(tmp_path) + ["--resume", "resume"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-    assert "resuming" in resumed.stderr
-    after = _finished_trials(tmp_path, "resume")
-    assert {k: after[k] for k in before} == before  # finished trials were not run again
-    trials = json.loads((tmp_path / "sweeps" / "resume" / "trials.json").read_text())
-    assert len(trials) == 4 and not [t for t in trials if t["status"] == "error"]
