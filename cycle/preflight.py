@@ -1,5 +1,6 @@
 """Everything cheap, first: the checks a job runs before any training, so that a mistake ends
-the job in seconds with a message naming it, not after an hour."""
+the job in seconds with a message naming it, not after an hour. Imports nothing heavy (torch,
+MLflow, Ray) unless a check needs it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import tempfile
 from pathlib import Path
 
 from cycle.config import PHANTOM_LUNG_MODEL, Config
-from cycle.lungseg import LungModelMissing, ensure_lung_model
-from cycle.tracking import store_problem
+from cycle.store import store_problem
 
 
 def input_problem(cfg: Config) -> str | None:
@@ -19,6 +19,8 @@ def input_problem(cfg: Config) -> str | None:
     # lungseg.weights=phantom trains its model from nothing if needed: nothing to check here.
     phantom_model = cfg.lungseg.weights == PHANTOM_LUNG_MODEL
     if (cfg.data.root is not None or cfg.lungseg.weights) and not phantom_model:
+        from cycle.lungseg import LungModelMissing, ensure_lung_model  # torch: only when needed
+
         try:
             # With these set it only checks, never trains.
             ensure_lung_model(cfg, log=lambda *_: None)

@@ -13,9 +13,16 @@ from typing import Any
 
 import yaml
 
-from cycle.config import Config, ConfigError, config_hash, dump_yaml, validate_config
-from cycle.io import atomic_write_json, atomic_write_text
-from cycle.tracking import flatten
+from cycle.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    dump_yaml,
+    flatten,
+    validate_config,
+)
+from cycle.console import log
+from cycle.io import atomic_write_json, atomic_write_text, folder_lock
 
 SAVED_CONFIG = "config.yaml"
 RUN_INFO = "run.json"
@@ -89,3 +96,8 @@ def record_run_config(run_dir: str | Path, cfg: Config) -> None:
         "written": time.time(),
     }
     atomic_write_json(run_dir / RUN_INFO, info)
+
+
+def claim_run(root: Path):
+    """Hold a run's folder for the block: a second job on the same run is refused at once."""
+    return folder_lock(root, f"run {root.name}", wait=False, log=log)

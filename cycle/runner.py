@@ -28,11 +28,11 @@ from cycle.data.prepare import prepare_records
 from cycle.data.records import ScanResult, records_of
 from cycle.data.shards import read_manifest
 from cycle.evaluate import evaluate_localization, panel_records
-from cycle.io import atomic_write_json, folder_lock
+from cycle.io import atomic_write_json
 from cycle.lungseg import ensure_lung_model
 from cycle.ray_session import init_ray
 from cycle.resources import decide_gpu
-from cycle.run_config import check_run_config, record_run_config
+from cycle.run_config import check_run_config, claim_run, record_run_config
 from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
 from cycle.tracking import track_cycle
 from cycle.train import run_training
@@ -79,11 +79,6 @@ def damaged_outputs(stage_dir: Path) -> str | None:
     except Exception as err:  # any unreadable file means the same: redo the stage
         return f"{type(err).__name__}: {err}"
     return None
-
-
-def claim_run(root: Path):
-    """Hold a run's folder for the block: a second job on the same run is refused at once."""
-    return folder_lock(root, f"run {root.name}", wait=False, log=log)
 
 
 @dataclass

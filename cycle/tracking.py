@@ -4,9 +4,8 @@ runs are here too: the cycle job's (a child per cycle and architecture, the best
 registered), the sweep's and the evidence study's.
 
 With `tracking.enabled: false` every call is a no-op, so library code logs unconditionally.
-The store is `tracking.uri`, else $MLFLOW_TRACKING_URI, else MLflow's local default (a SQLite
-file, `mlflow.db`, in the working directory; no server needed). `mlflow` is imported where it is
-used: with tracking off, the cycle runs where it is not installed.
+Which store a config logs to is `cycle.store`'s. `mlflow` is imported where it is used: with
+tracking off, the cycle runs where it is not installed.
 """
 
 from __future__ import annotations
@@ -14,9 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,36 +21,20 @@ import numpy as np
 
 from cycle import faults
 from cycle.checkpoint import load_classifier
-from cycle.config import Config
+from cycle.config import Config, flatten
 from cycle.console import log
 from cycle.data.shards import file_sha256
 from cycle.io import atomic_write_json
 from cycle.mlflow_ui import compare_url, runs_url
 from cycle.report import cycle_pictures, cycle_table
+from cycle.store import artifact_root, server_problem, tracking_store, tracking_uri
 
 if TYPE_CHECKING:  # annotations only: the runner imports this module
     from cycle.runner import CycleState, Runner
 
-DEFAULT_STORE = "sqlite:///mlflow.db"  # MLflow's own default: a SQLite file in the working folder
 # Without it MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage); with it,
 # on the training runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def tracking_uri(cfg: Config) -> str | None:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-
-
-def artifact_root(uri: str | None) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a SQLite store (`<store's folder>/mlruns`)
-    rather than MLflow's default `./mlruns` under whatever folder the process runs in, so one
-    store's artifacts never scatter over the folders its jobs were started from. None (the
-    server's or MLflow's own choice) for any other store."""
-    store = uri or DEFAULT_STORE
-    if not store.startswith("sqlite:///"):
-        return None
-    database = Path(store.removeprefix("sqlite:///"))
-    return (database.resolve().parent / "mlruns").as_uri()
 
 
 def model_requirements() -> list[str]:
@@ -64,46 +44,6 @@ def model_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "numpy", "cloudpickle", "mlflow")]
-
-
-def tracking_store(cfg: Config) -> str:
-    """The store this config logs to, for people to read: the URI, or MLflow's default store."""
-    return tracking_uri(cfg) or DEFAULT_STORE
-
-
-def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def server_problem(uri: str | None) -> str | None:
-    """Why a tracking server cannot take this job's runs, or None (also for a local store: a file
-    does not go away). Asks a real tracking endpoint, not only /health: MLflow 3 answers /health
-    to any Host header but 403 "Invalid Host header" to API calls from a name it was not
-    started with (`--allowed-hosts`)."""
-    if not uri or not uri.startswith(("http://", "https://")):
-        return None
-    base = uri.rstrip("/")
-    try:
-        urllib.request.urlopen(base + "/health", timeout=5).read()
-        urllib.request.urlopen(
-            base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10
-        ).read()
-        return None
-    except urllib.error.HTTPError as err:
-        hint = ""
-        if err.code == 403:
-            host = urllib.parse.urlsplit(base).hostname
-            hint = f"; start the server with --allowed-hosts naming {host}"
-        return f"HTTP {err.code} {err.reason}{hint}"
-    except OSError as err:
-        return str(err)
 
 
 def _experiment(name: str, artifacts: str | None):
@@ -435,18 +375,6 @@ def latest_job_runs(store: str, experiment: str) -> tuple[str, str, list[str]] |
     )
     names = sorted(c.info.run_name for c in children)
     return found.experiment_id, job.info.run_name, names
-
-
-def store_problem(cfg: Config) -> str | None:
-    """Why this config cannot log (a tracking server that does not answer), or None."""
-    uri = tracking_uri(cfg)
-    problem = server_problem(uri) if cfg.tracking.enabled else None
-    if problem:
-        return (
-            f"MLflow tracking server {uri} is not reachable ({problem}); start it or unset "
-            "MLFLOW_TRACKING_URI / tracking.uri to use the local store"
-        )
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

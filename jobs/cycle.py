@@ -19,22 +19,13 @@ from pathlib import Path
 
 import _common
 
+# Only what the cheap checks need: a mistake in the config, the paths or the tracking server ends
+# the job in about a second, before torch, Ray and MLflow load (in run()).
 from cycle.config import Config
 from cycle.io import LockHeld
 from cycle.preflight import input_problem
-from cycle.report import cycle_table, write_cycle_report
-from cycle.run_config import RunConfigMismatch, check_run_config, saved_config
-from cycle.runner import Runner, claim_run
-from cycle.tracking import (
-    Tracker,
-    browse_hint,
-    cycle_job_run,
-    describe_job_run,
-    log_job_files,
-    register_best,
-    run_note,
-    tracking_store,
-)
+from cycle.run_config import RunConfigMismatch, check_run_config, claim_run, saved_config
+from cycle.store import tracking_store
 
 
 def main() -> None:
@@ -91,6 +82,18 @@ def main() -> None:
 
 
 def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
+    from cycle.report import cycle_table, write_cycle_report
+    from cycle.runner import Runner
+    from cycle.tracking import (
+        Tracker,
+        browse_hint,
+        cycle_job_run,
+        describe_job_run,
+        log_job_files,
+        register_best,
+        run_note,
+    )
+
     started = time.perf_counter()
     with cycle_job_run(cfg, run_name) as tracker:  # a resumed run reopens its MLflow run
         runner = Runner(cfg, run_name, tracker=tracker, inprocess_shards=inprocess_shards)

@@ -6,6 +6,7 @@ of each test's own, no MLflow state carried from one test to the next."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -43,8 +44,18 @@ CALLERS_ENVIRONMENT = (
     "CYCLE_HOLD_AT",
     "CYCLE_HOLD_FILE",
 )
-for _name in CALLERS_ENVIRONMENT:
-    os.environ.pop(_name, None)
+# And one of the suite's own: a local `ray.init()` turns token auth on and, finding no token,
+# writes one to ~/.ray/auth_token; with this one in the environment it writes nothing there.
+SUITE_ENVIRONMENT = {"RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+def _suite_environment() -> None:
+    for name in CALLERS_ENVIRONMENT:
+        os.environ.pop(name, None)
+    os.environ.update(SUITE_ENVIRONMENT)
+
+
+_suite_environment()
 
 
 def short_temp_dir(prefix: str) -> str:
@@ -76,14 +87,16 @@ def _checkout_entries() -> dict[str, int]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def nothing_written_into_the_checkout():
+def nothing_written_outside_the_tests():
     """Every test writes under its own tmp: no MLflow store, artifacts or outputs appear in (or
-    change) the checkout, whichever folder the suite runs from."""
-    before = _checkout_entries()
+    change) the checkout, whichever folder the suite runs from, and no Ray token in ~/.ray."""
+    token = Path.home() / ".ray" / "auth_token"
+    before, had_token = _checkout_entries(), token.exists()
     yield
     after = _checkout_entries()
     changed = sorted(name for name in after if before.get(name) != after[name])
     assert not changed, f"the test run wrote into the checkout: {changed}"
+    assert had_token or not token.exists(), f"the test run wrote {token}"
 
 
 @pytest.fixture(autouse=True)
@@ -115,9 +128,10 @@ def no_mlflow_state_between_tests():
             mlflow.end_run()
         mlflow.set_tracking_uri(None)  # MLflow's own default again, the variable unset
         mlflow.tracking.fluent._active_experiment_id = None
-    for name in CALLERS_ENVIRONMENT:
-        if name != "RAY_TMPDIR":  # own_ray_temp_dir's, put back by monkeypatch
-            os.environ.pop(name, None)
+    temp_dir = os.environ.get("RAY_TMPDIR")  # own_ray_temp_dir's, put back by monkeypatch
+    _suite_environment()
+    if temp_dir is not None:
+        os.environ["RAY_TMPDIR"] = temp_dir
 
 
 def pytest_collection_modifyitems(items):

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,7 @@ class LocalCluster:
             if name in self.nodes:
                 self.kill(name)
 
-    # -- Ray's CLI, as a user calls it ------------------------------------------------------------
+    # -- Ray's CLI, as a user calls it: jobs go in and are stopped this way ---------------------
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -163,33 +164,35 @@ class LocalCluster:
             timeout=timeout,
         )
 
-    def _alive_nodes(self, quiet: bool = False) -> list[dict] | None:
-        listed = self.ray(
-            "list", "nodes", "--address", self.address, "--format", "json", "--limit", "100"
+    # -- Ray's REST API, for looking: a poll is one request in this process, not a `ray` CLI
+    # process (a second or two of CPU each on 2 cores, taken from the jobs under test)
+
+    def api(self, path: str, timeout: float = 60):
+        request = urllib.request.Request(
+            self.address + path, headers={"Authorization": f"Bearer {self.token}"}
         )
-        if listed.returncode != 0:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def _listed(self, resource: str, detail: bool) -> list[dict]:
+        """Ray's state API (what `ray list <resource>` reads)."""
+        query = f"limit=10000&timeout=30&detail={str(detail).lower()}"
+        answer = self.api(f"/api/v0/{resource}?{query}")
+        assert answer["result"], answer.get("msg")
+        return answer["data"]["result"]["result"]
+
+    def _alive_nodes(self, quiet: bool = False) -> list[dict] | None:
+        try:
+            listed = self._listed("nodes", detail=False)
+        except OSError:
             if quiet:
-                return None
-            raise RuntimeError(listed.stderr[-2000:])
-        if not listed.stdout.lstrip().startswith("["):
-            return None  # "No resource in the cluster": the head is still starting
-        return [n for n in json.loads(listed.stdout) if n["state"] == "ALIVE"]
+                return None  # the head is still starting
+            raise
+        return [n for n in listed if n["state"] == "ALIVE"]
 
     def actors(self) -> list[dict]:
         """Every actor the cluster has seen (dead ones too), with its class, node and pid."""
-        listed = self.ray(
-            "list",
-            "actors",
-            "--address",
-            self.address,
-            "--detail",
-            "--format",
-            "json",
-            "--limit",
-            "10000",
-        )
-        assert listed.returncode == 0, listed.stderr[-2000:]
-        return json.loads(listed.stdout)
+        return self._listed("actors", detail=True)
 
     def node_of(self, pid: int, class_name: str) -> str:
         """The node id Ray's state API gives for the actor of that class with that pid."""
@@ -221,15 +224,12 @@ class LocalCluster:
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
 
     def status(self, submission_id: str) -> str:
-        said = self.ray("job", "status", "--address", self.address, submission_id)
-        text = said.stdout.upper()  # "Job 'x' succeeded", "Status for job 'x': RUNNING"
-        for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if word in text:
-                return word
-        raise RuntimeError(said.stdout[-2000:] + said.stderr[-2000:])
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED (what `ray job status` says)."""
+        return self.api(f"/api/jobs/{submission_id}")["status"]
 
     def logs_of(self, submission_id: str) -> str:
-        return self.ray("job", "logs", "--address", self.address, submission_id).stdout
+        """What `ray job logs` prints."""
+        return self.api(f"/api/jobs/{submission_id}/logs")["logs"]
 
     def wait(self, submission_id: str, timeout: float = 900) -> tuple[str, str]:
         """(final status, the job's logs) once the job has ended."""
@@ -238,7 +238,7 @@ class LocalCluster:
             status = self.status(submission_id)
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return status, self.logs_of(submission_id)
-            time.sleep(5)
+            time.sleep(2)
         self.ray("job", "stop", "--address", self.address, submission_id)
         raise TimeoutError(f"job {submission_id} did not end in {timeout:.0f} s")
 

@@ -328,16 +328,15 @@ def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict)
     assert _numbers(resumed) == pytest.approx(_numbers(reference), abs=1e-6, nan_ok=True)
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 def test_an_mlflow_server_that_dies_mid_run_loses_nothing(smoke_assets, tmp_path):
     """The server stops after the baseline is logged: training goes on, the job says what it could
     not log, and once the server is back `--resume` logs it (no second child run, one version).
 
-    The job is in the default's shape, as users run it: two architectures side by side, one Ray
-    Train worker each (each in a folder of its own, where a relative path handed from the driver
-    would point nowhere), Ray Data shards, a relative output_dir, started from a folder that is
-    not the repo."""
+    Started as users start it, from a folder that is not the repo, with a relative output_dir.
+    (The default's shape, two architectures side by side on Ray Train workers that each run in a
+    folder of their own, with a relative output_dir, is what `.ci/run` runs as the README's main
+    command and checks; `ray job submit` and the multi-node tests run it on clusters.)"""
     import mlflow
     from conftest import free_port, start_mlflow_server, stop
 
@@ -351,10 +350,6 @@ def test_an_mlflow_server_that_dies_mid_run_loses_nothing(smoke_assets, tmp_path
         *smoke_assets,
         "--set",
         "output_dir=rel/out",
-        "--set",
-        "resources.num_workers=1",
-        "--set",
-        "cycles.archs=[tinyvgg,resnet18]",
         "--set",
         f"tracking.uri={uri}",
     ]
@@ -375,15 +370,14 @@ def test_an_mlflow_server_that_dies_mid_run_loses_nothing(smoke_assets, tmp_path
         ):
             assert job.poll() is None, job.communicate()[1][-3000:]
             time.sleep(0.2)
-        stop(server)  # the baseline of one architecture is logged; the rest is not
+        stop(server)  # the baseline is logged; cycle 1 is not
         stdout, stderr = job.communicate(timeout=600)
         assert job.returncode == 1, stderr[-3000:]
         assert "MLflow" in stderr and "stopped answering" in stderr and "--resume outage" in stderr
         assert (run_dir / "results.json").is_file()  # training finished all the same
-        assert "| tinyvgg | 1 |" in stdout and "| resnet18 | 1 |" in stdout
-        assert "training tinyvgg, resnet18 side by side" in stderr
+        assert "| tinyvgg | 1 |" in stdout
         assert (run_dir / "report.md").is_file()
-        assert (run_dir / "cycle_1" / "resnet18" / "shards" / "data" / "manifest.json").is_file()
+        assert (run_dir / "cycle_1" / "tinyvgg" / "shards" / "data" / "manifest.json").is_file()
 
         server = start_mlflow_server(root, port, server_log)  # the same store, back again
         proc = _run(common + ["--resume", "outage"], elsewhere)
@@ -394,12 +388,10 @@ def test_an_mlflow_server_that_dies_mid_run_loses_nothing(smoke_assets, tmp_path
         runs = client.search_runs([client.get_experiment_by_name("cycle-smoke").experiment_id])
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
         assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children) == [
-            ("0", "resnet18"),
             ("0", "tinyvgg"),
-            ("1", "resnet18"),
             ("1", "tinyvgg"),
         ]
-        assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 5
+        assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 3
         assert all("test_accuracy" in r.data.metrics for r in children)
         assert len(client.search_model_versions("name='cycle-classifier'")) == 1
     finally:

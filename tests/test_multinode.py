@@ -51,7 +51,7 @@ def wait_until(what: str, check, timeout: float) -> None:
     while time.time() < deadline:
         if check():
             return
-        time.sleep(3)  # each look is a `ray job` CLI call: seconds of CPU on 2 cores
+        time.sleep(1)  # a look is one request to the dashboard
     raise TimeoutError(what)
 
 

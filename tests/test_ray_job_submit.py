@@ -65,8 +65,9 @@ def ray_head(tmp_path):
         wait_for(f"http://127.0.0.1:{dashboard}/api/version", head, timeout=180)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
+        # SIGKILL first: Ray's daemons ignore the SIGTERM that stop() would send and wait out.
+        kill_processes_naming(temp_dir)
         stop(head)
-        kill_processes_naming(temp_dir)  # Ray's daemons ignore the SIGTERM stop() sends first
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

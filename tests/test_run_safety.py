@@ -238,7 +238,7 @@ def test_a_server_that_answers_health_but_refuses_the_jobs_host_fails_fast(tmp_p
     --allowed-hosts (a Kubernetes service name, say): the preflight asks a real endpoint."""
     from conftest import free_port, stop, wait_for
 
-    from cycle.tracking import store_problem
+    from cycle.store import store_problem
 
     port = free_port()
     server = subprocess.Popen(
