@@ -65,6 +65,8 @@ def local_ui(store_uri: str, port: int, timeout: float = 120) -> Iterator[str]:
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",  # one person looks: MLflow's default 4 each take seconds of CPU to start
+            "1",
             "--backend-store-uri",
             store_uri,
         ],

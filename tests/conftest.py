@@ -276,7 +276,8 @@ def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
     """`jobs/mlflow_server.sh` on loopback with its store under `root`; returns once it answers."""
     env = {**os.environ, "MLFLOW_SERVER_ROOT": str(root)}
     server = subprocess.Popen(
-        ["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--port", str(port)],
+        # One worker: each of MLflow's default four loads MLflow (seconds of CPU on 2 cores).
+        ["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--port", str(port), "--workers", "1"],
         cwd=root.parent,
         env=env,
         start_new_session=True,

@@ -249,60 +249,105 @@ def _epochs_run(run_dir: Path) -> dict[str, list[int]]:
     }
 
 
-# Where the job is killed, in the order a run reaches them: mid-epoch (the 7th step: epoch 2 of the
-# baseline), localisation measured but the stage not marked, a shard file written (the build
-# unfinished), an MLflow child run half logged (cycle 1's: cycle 0's is complete by then), a model
-# version registered but not recorded. One chain: each resumed process is killed at the next point.
-KILL_POINTS = ["train:step@7", "evaluate", "shards:part@2", "track", "register"]
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_job_killed_anywhere_resumes_to_the_uninterrupted_answer(
+def test_a_job_killed_anywhere_or_cut_off_from_mlflow_resumes_to_the_uninterrupted_answer(
     smoke_run, smoke_assets, tmp_path
 ):
+    """One job, interrupted every way we know, in the order a run meets them, each resumed
+    process going on to the next: killed mid-epoch (the 7th step: epoch 2 of the baseline), with
+    localisation measured but the stage not marked, with a shard file written (the build
+    unfinished); then its MLflow server stops once the baseline is logged and cycle 1 is under
+    way: training goes on, the job says what it could not log and exits 1; with the server back,
+    killed with cycle 1's run half logged, then with a model version registered but not recorded.
+    The last resume ends with the answer of the uninterrupted smoke run, nothing run twice, one
+    run per (cycle, arch) and one model version; a resume after that does nothing, and damaged
+    files are redone.
+
+    Started as users start it: from a folder that is not the repo, with a relative output_dir.
+    (The default's shape, two architectures side by side on Ray Train workers that each run in a
+    folder of their own, under a relative output_dir, is what `.ci/run` runs as the README's main
+    command and checks; `ray job submit` and the multi-node tests run it on clusters.)"""
     import mlflow
+    from conftest import free_port, start_mlflow_server, stop
 
     out, _, _ = smoke_run
-    db = tmp_path / "mlflow.db"
-    common = [*smoke_assets, "--set", f"output_dir={tmp_path}"]
-    common += ["--set", f"tracking.uri=sqlite:///{db}"]
-    said = {}
-    for i, point in enumerate(KILL_POINTS):
-        how = ["--run-name", "killed"] if i == 0 else ["--resume", "killed"]
-        killed = _run(common + how, tmp_path, env={"CYCLE_KILL_AT": point})
-        said[point] = killed.stdout + killed.stderr
-        assert killed.returncode == -signal.SIGKILL, f"{point} not reached:\n{said[point][-3000:]}"
-    assert "resuming after epoch 1 from the local checkpoint" in said["evaluate"]
-
-    proc = _run(common + ["--resume", "killed"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())["results"]
     reference = json.loads((out / "smoke" / "results.json").read_text())["results"]
-    # Every cycle, not only the interrupted stages: the same seed gives the same answer.
-    assert _numbers(resumed) == pytest.approx(_numbers(reference), abs=1e-6, nan_ok=True)
-    # Nothing ran twice: a restart from scratch would log epoch 1 again.
-    for stage, epochs in _epochs_run(tmp_path / "killed").items():
-        assert epochs == sorted(set(epochs)) and epochs[0] == 1, (stage, epochs)
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
+    run_dir = elsewhere / "rel" / "out" / "killed"
+    port = free_port()
+    root, server_log = tmp_path / "mlflow-server", tmp_path / "mlflow.log"
+    server = start_mlflow_server(root, port, server_log)
+    uri = f"http://127.0.0.1:{port}"
+    common = [*smoke_assets, "--set", "output_dir=rel/out", "--set", f"tracking.uri={uri}"]
+    resume = common + ["--resume", "killed"]
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("cycle-smoke").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("job") == "cycle"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert len(parents) == 1 and sorted(r.data.tags["cycle"] for r in children) == ["0", "1"]
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert len(client.search_model_versions("name='cycle-classifier'")) == 1
+    def killed_at(point: str, args: list[str]) -> str:
+        proc = _run(args, elsewhere, env={"CYCLE_KILL_AT": point})
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == -signal.SIGKILL, f"{point} not reached:\n{said[-3000:]}"
+        return said
 
-    # Everything done: nothing re-runs, and no Ray is started for nothing.
-    idle_ray = tmp_path / "ray-of-the-no-op"
-    idle_ray.mkdir()
-    again = _run(common + ["--resume", "killed"], tmp_path, env={"RAY_TMPDIR": str(idle_ray)})
-    assert again.returncode == 0 and "training" not in again.stderr, again.stderr[-3000:]
-    assert not list(idle_ray.iterdir()), "a resume with nothing to do started Ray"
-    _damaged_files_are_redone(tmp_path / "killed", common, reference)
+    try:
+        killed_at("train:step@7", common + ["--run-name", "killed"])
+        said = killed_at("evaluate", resume)
+        assert "resuming after epoch 1 from the local checkpoint" in said
+        killed_at("shards:part@2", resume)
+
+        # The outage: the server stops after the baseline is logged, while cycle 1 is under way.
+        job = subprocess.Popen(
+            JOB + resume, cwd=elsewhere, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        baseline_logged = run_dir / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json"
+        assert json.loads(baseline_logged.read_text())["complete"]
+        shards_done = run_dir / "cycle_1" / "tinyvgg" / "shards" / "DONE"
+        deadline = time.time() + 400
+        while not shards_done.is_file() and time.time() < deadline:
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            time.sleep(0.2)
+        stop(server)
+        stdout, stderr = job.communicate(timeout=600)
+        assert job.returncode == 1, stderr[-3000:]
+        assert "MLflow" in stderr and "stopped answering" in stderr and "--resume killed" in stderr
+        assert (run_dir / "results.json").is_file()  # training finished all the same
+        assert "| tinyvgg | 1 |" in stdout
+
+        server = start_mlflow_server(root, port, server_log)  # the same store, back again
+        said = killed_at("track", resume)
+        assert "training" not in said  # nothing trained again: only logged
+        killed_at("register", resume)
+
+        proc = _run(resume, elsewhere)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        resumed = json.loads((run_dir / "results.json").read_text())["results"]
+        # Every cycle, not only the interrupted stages: the same seed gives the same answer.
+        assert _numbers(resumed) == pytest.approx(_numbers(reference), abs=1e-6, nan_ok=True)
+        # Nothing ran twice: a restart from scratch would log epoch 1 again.
+        for stage, epochs in _epochs_run(run_dir).items():
+            assert epochs == sorted(set(epochs)) and epochs[0] == 1, (stage, epochs)
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("cycle-smoke").experiment_id])
+        parents = [r for r in runs if r.data.tags.get("job") == "cycle"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+        assert len(parents) == 1 and sorted(r.data.tags["cycle"] for r in children) == ["0", "1"]
+        assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 3
+        assert all("test_accuracy" in r.data.metrics for r in children)
+        assert len(client.search_model_versions("name='cycle-classifier'")) == 1
+
+        # Everything done: nothing re-runs, and no Ray is started for nothing.
+        idle_ray = tmp_path / "ray-of-the-no-op"
+        idle_ray.mkdir()
+        again = _run(resume, elsewhere, env={"RAY_TMPDIR": str(idle_ray)})
+        assert again.returncode == 0 and "training" not in again.stderr, again.stderr[-3000:]
+        assert not list(idle_ray.iterdir()), "a resume with nothing to do started Ray"
+        _damaged_files_are_redone(run_dir, resume, elsewhere, reference)
+    finally:
+        stop(server)
 
 
-def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict) -> None:
+def _damaged_files_are_redone(run_dir: Path, resume: list[str], cwd: Path, reference: dict):
     """Truncated outputs of finished stages (and a damaged shard file and records.json) make those
     stages redo themselves with a message, never a traceback, to the same answer."""
 
@@ -317,7 +362,7 @@ def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict)
     (
         run_dir / "cycle_1" / "tinyvgg" / "train" / "DONE"
     ).unlink()  # an unfinished stage with a broken last.pt
-    proc = _run(common + ["--resume", run_dir.name], run_dir.parent)
+    proc = _run(resume, cwd)
     said = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in said, said[-4000:]
     assert "records.json is unreadable" in said
@@ -326,76 +371,6 @@ def _damaged_files_are_redone(run_dir: Path, common: list[str], reference: dict)
     assert "last.pt is unreadable" in said and "starting this stage over" in said
     resumed = json.loads((run_dir / "results.json").read_text())["results"]
     assert _numbers(resumed) == pytest.approx(_numbers(reference), abs=1e-6, nan_ok=True)
-
-
-@pytest.mark.slow
-def test_an_mlflow_server_that_dies_mid_run_loses_nothing(smoke_assets, tmp_path):
-    """The server stops after the baseline is logged: training goes on, the job says what it could
-    not log, and once the server is back `--resume` logs it (no second child run, one version).
-
-    Started as users start it, from a folder that is not the repo, with a relative output_dir.
-    (The default's shape, two architectures side by side on Ray Train workers that each run in a
-    folder of their own, with a relative output_dir, is what `.ci/run` runs as the README's main
-    command and checks; `ray job submit` and the multi-node tests run it on clusters.)"""
-    import mlflow
-    from conftest import free_port, start_mlflow_server, stop
-
-    port = free_port()
-    root, server_log = tmp_path / "mlflow-server", tmp_path / "mlflow.log"
-    server = start_mlflow_server(root, port, server_log)
-    uri = f"http://127.0.0.1:{port}"
-    elsewhere = tmp_path / "somewhere"
-    elsewhere.mkdir()
-    common = [
-        *smoke_assets,
-        "--set",
-        "output_dir=rel/out",
-        "--set",
-        f"tracking.uri={uri}",
-    ]
-    run_dir = elsewhere / "rel" / "out" / "outage"
-    try:
-        job = subprocess.Popen(
-            JOB + common + ["--run-name", "outage"],
-            cwd=elsewhere,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        logged = run_dir / "cycle_0" / "tinyvgg" / "evaluate" / "mlflow_run.json"
-        deadline = time.time() + 500
-        while (
-            not (logged.is_file() and json.loads(logged.read_text())["complete"])
-            and time.time() < deadline
-        ):
-            assert job.poll() is None, job.communicate()[1][-3000:]
-            time.sleep(0.2)
-        stop(server)  # the baseline is logged; cycle 1 is not
-        stdout, stderr = job.communicate(timeout=600)
-        assert job.returncode == 1, stderr[-3000:]
-        assert "MLflow" in stderr and "stopped answering" in stderr and "--resume outage" in stderr
-        assert (run_dir / "results.json").is_file()  # training finished all the same
-        assert "| tinyvgg | 1 |" in stdout
-        assert (run_dir / "report.md").is_file()
-        assert (run_dir / "cycle_1" / "tinyvgg" / "shards" / "data" / "manifest.json").is_file()
-
-        server = start_mlflow_server(root, port, server_log)  # the same store, back again
-        proc = _run(common + ["--resume", "outage"], elsewhere)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "training" not in proc.stderr  # nothing trained again: only logged
-
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        runs = client.search_runs([client.get_experiment_by_name("cycle-smoke").experiment_id])
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-        assert sorted((r.data.tags["cycle"], r.data.tags["arch"]) for r in children) == [
-            ("0", "tinyvgg"),
-            ("1", "tinyvgg"),
-        ]
-        assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 3
-        assert all("test_accuracy" in r.data.metrics for r in children)
-        assert len(client.search_model_versions("name='cycle-classifier'")) == 1
-    finally:
-        stop(server)
 
 
 @pytest.mark.parametrize(

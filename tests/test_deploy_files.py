@@ -416,6 +416,10 @@ def test_mlflow_server_script_passes_allowed_hosts_through(tmp_path):
     assert argv[0] == "server" and argv[argv.index("--allowed-hosts") + 1] == hosts
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback unless told otherwise
     assert "--allowed-hosts" not in run()  # MLflow's default: localhost and private IPs
+    default = run()
+    assert default[default.index("--workers") + 1] == "4"  # MLflow's own default number
+    one = run("--workers", "1")
+    assert one[one.index("--workers") + 1] == "1"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(
             f"resources.cpus_per_worker={cpus + 1}",
             "--set",
             "resources.stall_timeout_s=15",
+            *smoke_assets,
             "--set",
             f"output_dir={out}",
             "--set",

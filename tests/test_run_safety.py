@@ -249,6 +249,8 @@ def test_a_server_that_answers_health_but_refuses_the_jobs_host_fails_fast(tmp_p
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",
+            "1",
             "--backend-store-uri",
             f"sqlite:///{tmp_path / 'm.db'}",
             "--allowed-hosts",
