@@ -27,7 +27,7 @@ class StoredCheckpoint:
     filesystem: object  # pyarrow.fs.FileSystem
 
     def to_directory(self) -> Path:
-        """A local copy (the folder itself where storage is a local disk)."""
+        """A local copy, in a temporary folder (Ray copies from a local disk too)."""
         import ray.train
 
         return Path(ray.train.Checkpoint(self.path, filesystem=self.filesystem).to_directory())
@@ -54,7 +54,7 @@ def stored_checkpoints(filesystem, run_folder: str) -> list[StoredCheckpoint]:
 
     try:
         entries = filesystem.get_file_info(pafs.FileSelector(run_folder))
-    except (OSError, FileNotFoundError):
+    except OSError:  # no such folder yet: nothing stored
         return []
     found = []
     for entry in entries:

@@ -59,15 +59,15 @@ _suite_environment()
 
 
 def short_temp_dir(prefix: str) -> str:
-    """A folder for a Ray session. Short, under /tmp: Ray's Unix sockets live a session folder and
-    `sockets/plasma_store` below it, and a socket path over 107 bytes cannot be bound, which a
-    pytest tmp_path (`/tmp/pytest-of-<user>/pytest-<n>/<test name>/`) would make."""
+    """A folder for a Ray session. Short, under /tmp: Ray's Unix sockets sit at
+    `<temp dir>/session_<time>_<pid>/sockets/plasma_store`, a socket path over 107 bytes cannot be
+    bound, and a pytest tmp_path (`/tmp/pytest-of-<user>/pytest-<n>/<test name>/`) makes one."""
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
 def kill_processes_naming(text: str) -> None:
-    """SIGKILL every process whose command line names `text` (a Ray temp dir), and its children:
-    Ray's daemons ignore SIGTERM, and those of a job killed by a test outlive it."""
+    """SIGKILL every process whose command line or environment names `text` (a Ray temp dir), and
+    its children: Ray's daemons ignore SIGTERM, and those of a job killed by a test outlive it."""
     from local_cluster import kill_tree_naming
 
     kill_tree_naming(text)
