@@ -228,8 +228,8 @@ class Runner:
         if not self.paths.done(stage):
             if not self.inprocess_shards:
                 self.ensure_ray()
-            previous = self.paths.stage(k - 1, arch, "train") / "best.pt"
             cfg = self.running_config(k, arch)
+            previous = Path(cfg.model.weights_path)  # the previous cycle's best.pt
             train = records_of(scan.records, "train")
             # val too: the fine-tune is selected on val films enhanced the same way (see train_func)
             build_shards(
