@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from cycle.cam import compute_cam, grad_cam  # noqa: E402
-from cycle.config import ARCHITECTURES, Config  # noqa: E402
-from cycle.models import build_model  # noqa: E402
+from cycle.config import Config  # noqa: E402
+from cycle.models import available_architectures, build_model  # noqa: E402
 
 
 def _methods(model, images):
@@ -176,7 +176,7 @@ def main() -> None:
         print(
             f"\nour engine per architecture ({args.zoo_size} px, batch {args.batch}, auto method):"
         )
-        for arch in ARCHITECTURES:
+        for arch in available_architectures():
             model, images = _setup(arch, args.zoo_size, args.batch)
             compute_cam(model, images)
             runs = []

@@ -2,7 +2,9 @@
 
 The defaults of the model *are* the embedded default (phantoms on a CPU); `configs/default.yaml`
 spells them out for people and a test keeps the two equal. Every mistake fails at start with a
-message naming the key and, where the set is closed, the allowed values.
+message naming the key and, where the set is closed, the allowed values. Architectures and
+enhancement modes are checked against their registries (cycle.registry), so a newly registered
+one is a valid value.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ARCHITECTURES = ("tinyvgg", "vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152")
-Arch = Literal["tinyvgg", "vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152"]
+from cycle.registry import ARCHITECTURES, ENHANCE_MODES
+
+# Names checked against their registries when a config is validated (the registry imports its
+# built-ins, torch included, then; not when this module is imported).
+ArchName = Annotated[str, AfterValidator(lambda name: ARCHITECTURES.check(name))]
+ModeName = Annotated[str, AfterValidator(lambda name: ENHANCE_MODES.check(name))]
 
 
 class ConfigError(ValueError):
@@ -61,7 +67,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Arch = "resnet18"
+    arch: ArchName = "resnet18"  # a registered architecture (cycle.models.register)
     pretrained: bool = False
     weights_path: str | None = None
     unfreeze: int | Literal["all"] = "all"
@@ -122,7 +128,7 @@ class LungsegConfig(Section):
 
 
 class EnhanceConfig(Section):
-    mode: Literal["context_swap", "highlight", "suppress"] = "context_swap"
+    mode: ModeName = "context_swap"  # a registered mode (cycle.enhance.register_mode)
     strength: float = Field(1.0, ge=0.0, le=1.0)  # context_swap: 1 = the whole context swapped
     # 0 = every CAM trusted: context_swap uses only the lung mask; set it for highlight/suppress.
     trust_threshold: float = Field(0.0, ge=0.0, le=1.0)
@@ -132,7 +138,7 @@ class EnhanceConfig(Section):
 
 class CyclesConfig(Section):
     max: int = Field(1, ge=0)
-    archs: list[Arch] = Field(default_factory=lambda: ["tinyvgg", "resnet18"])
+    archs: list[ArchName] = Field(default_factory=lambda: ["tinyvgg", "resnet18"])
     epochs: int = Field(3, ge=1)
     lr: float = Field(3e-4, gt=0.0)
     stop_epsilon: float = Field(0.01, ge=0.0)  # stop when lung energy share gains less
@@ -343,7 +349,10 @@ def _describe(error: Mapping[str, Any]) -> str:
         where = f"in '{parent}'" if parent else "at the top level"
         return f"{key}: unknown key; allowed keys {where}: {allowed}"
     got = error.get("input")
-    return f"{key}: {error['msg']} (got {got!r})"
+    msg = error["msg"]
+    if error["type"] == "value_error":  # our validators' messages say it all
+        msg = msg.removeprefix("Value error, ")
+    return f"{key}: {msg} (got {got!r})"
 
 
 def _fields_at(dotted: str) -> list[str]:

@@ -1,13 +1,16 @@
 """The enhanced training image: trusted lung evidence kept or emphasised, misleading context
 neutralised. Pure functions on arrays (float32 in [0, 1], [N, H, W]); no Ray, no torch.
 
-Modes (strength in [0, 1]; 0 returns the original image):
+Modes (strength in [0, 1]; 0 returns the original image), each one function registered with
+`@register_mode("name")` (cycle.registry.ENHANCE_MODES: then a valid `enhance.mode` and an
+evidence variant):
 - highlight:    the CAM, restricted to the (dilated) lungs, pushes pixels toward white
                 (the original study's overlay);
 - suppress:     everything outside the CAM-weighted lungs is dimmed toward black;
 - context_swap: the lung region of image i is kept and everything outside the lungs comes from
                 another training image j drawn at random across labels, blended at the mask edge,
-                so context stops predicting the label while the input stays a whole chest film.
+                so context stops predicting the label while the input stays a whole chest film
+                (`needs_donor=True`: the shard builder reads each film's donor film for it).
 
 Trust rule: a CAM whose lung energy share is below `trust_threshold` does not show where the
 evidence is; such an image falls back to `lung_only` (lungs kept, the rest suppressed),
@@ -22,8 +25,8 @@ import cv2
 import numpy as np
 
 from cycle.localization import energy_share
+from cycle.registry import ENHANCE_MODES
 
-MODES = ("highlight", "suppress", "context_swap")
 FALLBACKS = ("original", "lung_only", "drop")
 
 
@@ -69,6 +72,38 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.roll(order, 1)[np.argsort(order)]
 
 
+# ---------------------------------------------------------------------------------------------
+# Modes: mode(images, cams, lung_soft, strength, donor_films) -> enhanced images, where
+# lung_soft = soft_mask(lungs) and strength > 0. donor_films[i] is the film whose context image i
+# takes: given only to modes registered with needs_donor=True (else None).
+
+register_mode = ENHANCE_MODES.register
+
+
+def needs_donor(mode: str) -> bool:
+    """Whether `mode` takes each image's context from a donor film (ValueError if unknown)."""
+    return bool(ENHANCE_MODES.info(mode).get("needs_donor", False))
+
+
+@register_mode("highlight")
+def highlight(images, cams, lung_soft, strength, donor_films=None) -> np.ndarray:
+    trusted = restrict(np.asarray(cams, np.float32), lung_soft)
+    return images + strength * trusted * (1.0 - images)
+
+
+@register_mode("suppress")
+def suppress(images, cams, lung_soft, strength, donor_films=None) -> np.ndarray:
+    trusted = restrict(np.asarray(cams, np.float32), lung_soft)
+    keep = lung_soft * (0.5 + 0.5 * trusted)  # lungs stay, brightest where the CAM points
+    return images * (1.0 - strength * (1.0 - keep))
+
+
+@register_mode("context_swap", needs_donor=True)
+def context_swap(images, cams, lung_soft, strength, donor_films=None) -> np.ndarray:
+    swapped = lung_soft * images + (1.0 - lung_soft) * donor_films
+    return (1.0 - strength) * images + strength * swapped
+
+
 def overlay(
     images: np.ndarray,
     cams: np.ndarray,
@@ -80,11 +115,11 @@ def overlay(
     donors: np.ndarray | None = None,
     context: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Enhance a batch; returns (images, donors). context_swap takes image i's context from
-    `context[i]` when given (films chosen outside the batch), else from `images[donors[i]]`
-    with donors drawn in the batch (returned; -1 where no donor was used)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown enhance mode {mode!r}; use one of {', '.join(MODES)}")
+    """Enhance a batch with a registered mode; returns (images, donors). A mode that needs a donor
+    (context_swap) takes image i's context from `context[i]` when given (films chosen outside the
+    batch), else from `images[donors[i]]` with donors drawn in the batch (returned; -1 where no
+    donor was used)."""
+    mode_fn, with_donor = ENHANCE_MODES.get(mode), needs_donor(mode)  # ValueError if unknown
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     images = np.asarray(images, dtype=np.float32)
@@ -93,13 +128,8 @@ def overlay(
     if strength == 0.0:
         return images.copy(), no_donor
     lung_soft = soft_mask(np.asarray(lungs, bool), dilate_px)
-    if mode == "highlight":
-        trusted = restrict(np.asarray(cams, np.float32), lung_soft)
-        return images + strength * trusted * (1.0 - images), no_donor
-    if mode == "suppress":
-        trusted = restrict(np.asarray(cams, np.float32), lung_soft)
-        keep = lung_soft * (0.5 + 0.5 * trusted)  # lungs stay, brightest where the CAM points
-        return images * (1.0 - strength * (1.0 - keep)), no_donor
+    if not with_donor:
+        return mode_fn(images, cams, lung_soft, strength, None), no_donor
     if context is not None:
         outside, donors = np.asarray(context, np.float32), no_donor
     else:
@@ -108,8 +138,7 @@ def overlay(
         rng = rng if rng is not None else np.random.default_rng()
         donors = derangement(n, rng) if donors is None else np.asarray(donors)
         outside = images[donors]
-    swapped = lung_soft * images + (1.0 - lung_soft) * outside
-    return (1.0 - strength) * images + strength * swapped, donors
+    return mode_fn(images, cams, lung_soft, strength, outside), donors
 
 
 def lung_only(images: np.ndarray, lungs: np.ndarray, dilate_px: int = 4) -> np.ndarray:

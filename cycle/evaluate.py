@@ -30,6 +30,7 @@ from cycle.data.phantom import load_mask
 from cycle.data.records import Record
 from cycle.data.transforms import load_grayscale
 from cycle.io import atomic_write, atomic_write_json, atomic_write_text
+from cycle.layout import METRICS, predictions
 from cycle.localization import flat_summary, localization_metrics
 from cycle.lungseg.masks import load_lung_model
 from cycle.lungseg.masks import predict as predict_lungs
@@ -105,8 +106,8 @@ def evaluate_splits(
         lines = ["path,label,prob_pneumonia"] + [
             f"{r.path},{r.label},{p:.6f}" for r, p in zip(datasets[split].records, out["probs"])
         ]
-        atomic_write_text(run_dir / f"predictions_{split}.csv", "\n".join(lines) + "\n")
-    atomic_write_json(run_dir / "metrics.json", {"flat": flat, "splits": results})
+        atomic_write_text(run_dir / predictions(split), "\n".join(lines) + "\n")
+    atomic_write_json(run_dir / METRICS, {"flat": flat, "splits": results})
     return flat, results
 
 

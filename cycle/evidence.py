@@ -19,24 +19,37 @@ import numpy as np
 from cycle.config import Config
 from cycle.data.records import ScanResult, records_of
 from cycle.evaluate import evaluate_localization
+from cycle.layout import (
+    MLFLOW_RUN,
+    PER_IMAGE,
+    RAY_CHECKPOINT,
+    RECORDS,
+    RunLayout,
+    per_image_at_depth,
+    predictions,
+)
 from cycle.probe import context_gap
+from cycle.registry import ENHANCE_MODES
 from cycle.report import EVIDENCE_METRICS, write_cycle_report
 from cycle.runner import Runner
 
-# The control keeps the default mode at strength 0: the enhanced film *is* the original film, and
-# everything else (shards, epochs, lr, selection) is the same.
-VARIANTS: dict[str, dict[str, object]] = {
-    "control": {"enhance.strength": 0.0},
-    "highlight": {"enhance.mode": "highlight"},
-    "suppress": {"enhance.mode": "suppress"},
-    "context_swap": {"enhance.mode": "context_swap"},
-}
+EVIDENCE_KEYS = tuple(metric.key for metric in EVIDENCE_METRICS)
+
+
+def all_variants() -> dict[str, dict[str, object]]:
+    """Variant name -> config overrides: the control, then one per registered enhancement mode
+    (read when called: a mode registered later is a variant too). The control keeps the config's
+    mode at strength 0: the enhanced film *is* the original film, and everything else (shards,
+    epochs, lr, selection) is the same."""
+    modes = {mode: {"enhance.mode": mode} for mode in ENHANCE_MODES.names()}
+    return {"control": {"enhance.strength": 0.0}, **modes}
 
 
 def variant_config(cfg: Config, seed: int, variant: str) -> Config:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    return cfg.with_overrides({"seed": seed, **VARIANTS[variant]})
+    known = all_variants()
+    if variant not in known:
+        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(known)}")
+    return cfg.with_overrides({"seed": seed, **known[variant]})
 
 
 def run_name(prefix: str, seed: int, variant: str) -> str:
@@ -45,15 +58,14 @@ def run_name(prefix: str, seed: int, variant: str) -> str:
 
 def share_baseline(source: Path, target: Path) -> None:
     """Copy a finished cycle 0 into another variant's run (its MLflow bookkeeping stays behind)."""
-    if (target / "cycle_0").exists() or not (source / "cycle_0").exists():
+    source, target = RunLayout(source), RunLayout(target)
+    if target.cycle(0).exists() or not source.cycle(0).exists():
         return
-    tmp = target / "cycle_0.partial"
+    tmp = target.root / "cycle_0.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(
-        source / "cycle_0", tmp, ignore=shutil.ignore_patterns("mlflow_run.json", "ray_checkpoint")
-    )
-    shutil.copy2(source / "records.json", target / "records.json")
-    tmp.rename(target / "cycle_0")
+    shutil.copytree(source.cycle(0), tmp, ignore=shutil.ignore_patterns(MLFLOW_RUN, RAY_CHECKPOINT))
+    shutil.copy2(source.file(RECORDS), target.file(RECORDS))
+    tmp.rename(target.cycle(0))
 
 
 def run_evidence(
@@ -80,7 +92,9 @@ def run_evidence(
             )
             with runner.claim():
                 state = runner.run()
-                write_cycle_report(runner, state, "tracking: see the evidence report")
+                write_cycle_report(
+                    runner.paths, state.results, state.stopped, "tracking: see the evidence report"
+                )
             first = first or name
     return out / prefix
 
@@ -98,21 +112,19 @@ def _correct(path: Path) -> dict[str, float]:
 
 
 def per_film(
-    run_root: Path, arch: str, k: int, per_image: str = "per_image.npz"
+    run_root: Path, arch: str, k: int, per_image: str = PER_IMAGE
 ) -> dict[str, np.ndarray]:
     """Per-test-film values of one (run, arch, cycle), keyed by metric, in a fixed film order;
     `per_image` names the localisation file (see rescore_at_depth)."""
-    train = run_root / f"cycle_{k}" / arch / "train"
-    loc = np.load(run_root / f"cycle_{k}" / arch / "evaluate" / per_image)
+    layout = RunLayout(run_root)
+    train = layout.train(k, arch)
+    loc = np.load(layout.evaluate(k, arch) / per_image)
     order = [str(p) for p in loc["paths"]]
     values = {name: loc[name].astype(np.float64) for name in loc.files if name != "paths"}
-    test = _correct(train / "predictions_test.csv")
+    test = _correct(train / predictions("test"))
     values["test_accuracy"] = np.array([test[p] for p in order])
-    cf = (
-        _correct(train / "predictions_test_cf.csv")
-        if (train / "predictions_test_cf.csv").is_file()
-        else {}
-    )
+    cf_file = train / predictions("test_cf")
+    cf = _correct(cf_file) if cf_file.is_file() else {}
     if cf:
         cf_order = sorted(cf)
         values["test_cf_accuracy"] = np.array([cf[p] for p in cf_order])
@@ -120,11 +132,7 @@ def per_film(
 
 
 def last_cycle(run_root: Path, arch: str) -> int:
-    done = [
-        int(d.name.split("_")[1])
-        for d in run_root.glob("cycle_*")
-        if (d / arch / "evaluate" / "DONE").is_file()
-    ]
+    done = RunLayout(run_root).finished_cycles(arch)
     if not done:
         raise FileNotFoundError(f"no finished cycle of {arch} in {run_root}")
     return max(done)
@@ -171,7 +179,7 @@ def collect(
     seeds: list[int],
     variants: list[str],
     archs: list[str],
-    per_image: str = "per_image.npz",
+    per_image: str = PER_IMAGE,
 ) -> dict:
     """{arch: {variant: {metric: {baseline, last, change, low, high, seeds}}}} over finished
     runs."""
@@ -185,14 +193,14 @@ def collect(
                     continue
                 b, a = per_film(root, arch, 0, per_image), per_film(root, arch, k, per_image)
                 used.append(seed)
-                for metric, _ in EVIDENCE_METRICS:
+                for metric in EVIDENCE_KEYS:
                     if metric in b and metric in a:
                         before.setdefault(metric, []).append(b[metric])
                         after.setdefault(metric, []).append(a[metric])
             if not used:
                 continue
             row = {}
-            for metric, _ in EVIDENCE_METRICS:
+            for metric in EVIDENCE_KEYS:
                 if metric not in before:
                     continue
                 change, low, high = paired_bootstrap(before[metric], after[metric])
@@ -212,10 +220,6 @@ def collect(
 # The same checkpoints, mapped at another CAM depth
 
 
-def depth_file(depth: int) -> str:
-    return f"per_image_depth{depth}.npz"
-
-
 def rescore_at_depth(
     cfg: Config,
     prefix: str,
@@ -231,17 +235,18 @@ def rescore_at_depth(
     With the trust rule off (the default), control and context_swap build their training films
     without the CAM, so this equals running them at that depth; highlight and suppress drew
     their overlays from depth-0 CAMs, so for them it scores models trained on those."""
-    name, out = depth_file(depth), Path(cfg.output_dir)
+    name, out = per_image_at_depth(depth), Path(cfg.output_dir)
     for arch in cfg.cycles.archs:
         for seed, variant, root, last in finished_runs(out, prefix, seeds, variants, arch):
-            test = records_of(ScanResult.load(root / "records.json").records, "test")
+            layout = RunLayout(root)
+            test = records_of(ScanResult.load(layout.file(RECORDS)).records, "test")
             for k in range(last + 1):
-                target = root / f"cycle_{k}" / arch / "evaluate" / name
+                target = layout.evaluate(k, arch) / name
                 if target.is_file():
                     continue
                 log(f"[evidence] cam.depth {depth}: seed {seed}, {variant}, {arch}, cycle {k}")
                 evaluate_localization(
-                    root / f"cycle_{k}" / arch / "train" / "best.pt",
+                    layout.best(k, arch),
                     test,
                     cfg.cam.method,
                     seed=seed,

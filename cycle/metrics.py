@@ -1,7 +1,7 @@
 """Classification metrics over images (never averaged over batches). PNEUMONIA (1) is positive.
 
-Names as logged (DESIGN section 5): `{split}_loss`, `{split}_accuracy`, `{split}_sensitivity`,
-`{split}_specificity`, `{split}_auc`.
+Logged per split (history.json, metrics.json, MLflow) as `{split}_loss`, `{split}_accuracy`,
+`{split}_sensitivity`, `{split}_specificity`, `{split}_auc`: the names `prefixed` gives them.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-LAST = "last.pt"
+from cycle.layout import LAST
+
 RAY_EPOCH = "epoch.json"
 
 

@@ -10,42 +10,53 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from cycle import plots
 from cycle.config import Config, dump_yaml
 from cycle.io import atomic_write_json, atomic_write_text
+from cycle.layout import (
+    CAM_BEFORE_AFTER,
+    CAM_GRID,
+    CURVES,
+    PANEL,
+    REPORT,
+    SAMPLES,
+    RunLayout,
+)
+from cycle.layout import (
+    METRICS as METRICS_FILE,
+)
 from cycle.metrics import spearman
 
-if TYPE_CHECKING:  # annotations only: the runner imports this module
-    from cycle.runner import CycleState, Runner, RunPaths
 
-# (metric, column label): what a cycle report shows, and what the evidence table compares.
-REPORT_METRICS = (
-    ("test_accuracy", "test acc"),
-    ("test_sensitivity", "sens"),
-    ("test_specificity", "spec"),
-    ("test_auc", "AUC"),
-    ("test_cf_accuracy", "cf acc"),
-    ("lung_energy_share", "lung share"),
-    ("lesion_pointing_game", "pointing"),
-    ("confounder_energy_share", "confounder share"),
-    ("context_reliance", "context reliance"),
-    ("seam_control_accuracy", "seam control"),
-    ("context_gap", "context gap"),
+@dataclass(frozen=True)
+class Metric:
+    key: str  # as logged (MLflow) and stored (metrics.json)
+    label: str  # as a column reads
+    evidence: bool = True  # compared, baseline -> last cycle, in the evidence table
+    localization: bool = False  # a property of the CAM, re-scored at other CAM depths
+
+
+# The headline metrics, in the order every table shows them: the cycle report, the job run's
+# description in MLflow and the evidence study all read this list.
+METRICS = (
+    Metric("test_accuracy", "test acc"),
+    Metric("test_sensitivity", "sens", evidence=False),
+    Metric("test_specificity", "spec", evidence=False),
+    Metric("test_auc", "AUC", evidence=False),
+    Metric("test_cf_accuracy", "cf acc"),
+    Metric("lung_energy_share", "lung share", localization=True),
+    Metric("lesion_pointing_game", "pointing", localization=True),
+    Metric("confounder_energy_share", "confounder share", localization=True),
+    Metric("context_reliance", "context reliance"),
+    Metric("seam_control_accuracy", "seam control"),
+    Metric("context_gap", "context gap"),
 )
-EVIDENCE_METRICS = (
-    ("test_accuracy", "test acc"),
-    ("test_cf_accuracy", "cf acc"),
-    ("lesion_pointing_game", "pointing"),
-    ("lung_energy_share", "lung share"),
-    ("confounder_energy_share", "confounder share"),
-    ("context_reliance", "context reliance"),
-    ("seam_control_accuracy", "seam control"),
-    ("context_gap", "context gap"),
-)
+EVIDENCE_METRICS = tuple(m for m in METRICS if m.evidence)
+LOCALIZATION_METRICS = tuple(m for m in METRICS if m.localization)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -79,20 +90,20 @@ def cycle_table(results: dict[str, list[dict]]) -> str:
         return f"{value:.3f}" + (f" ({low:.3f}-{high:.3f})" if low is not None else "")
 
     return markdown_table(
-        ["arch", "cycle", *(label for _, label in REPORT_METRICS)],
+        ["arch", "cycle", *(metric.label for metric in METRICS)],
         (
-            [arch, k, *(measured(m, key) for key, _ in REPORT_METRICS)]
+            [arch, k, *(measured(m, metric.key) for metric in METRICS)]
             for arch, cycles in results.items()
             for k, m in enumerate(cycles)
         ),
     )
 
 
-def cycle_pictures(paths: RunPaths, k: int, arch: str) -> list[Path]:
+def cycle_pictures(layout: RunLayout, k: int, arch: str) -> list[Path]:
     """The pictures of one evaluated (cycle, arch): CAM grid, confusion matrices and, after the
     baseline, CAMs before/after and sample enhanced films."""
-    stage = paths.stage(k, arch, "evaluate")
-    panel = np.load(stage / "panel.npz")
+    stage = layout.evaluate(k, arch)
+    panel = np.load(stage / PANEL)
     pre_films = panel["films"] / 255.0
     out = [
         plots.cam_grid(
@@ -100,11 +111,11 @@ def cycle_pictures(paths: RunPaths, k: int, arch: str) -> list[Path]:
             panel["cams"],
             panel["probs"],
             panel["labels"],
-            stage / "cam_grid.png",
+            stage / CAM_GRID,
             title=f"{arch}, cycle {k}: test films",
         )
     ]
-    metrics = json.loads((paths.stage(k, arch, "train") / "metrics.json").read_text())["splits"]
+    metrics = json.loads((layout.train(k, arch) / METRICS_FILE).read_text())["splits"]
     for split in ("test", "test_cf"):
         if split in metrics:
             out.append(
@@ -115,66 +126,87 @@ def cycle_pictures(paths: RunPaths, k: int, arch: str) -> list[Path]:
                 )
             )
     if k > 0:
-        before = np.load(paths.stage(0, arch, "evaluate") / "panel.npz")
+        before = np.load(layout.evaluate(0, arch) / PANEL)
         n = 12
         out.append(
             plots.before_after_grid(
                 pre_films[:n],
                 before["cams"][:n],
                 panel["cams"][:n],
-                stage / "cam_before_after.png",
+                stage / CAM_BEFORE_AFTER,
                 panel["labels"][:n],
                 names=("cycle 0", f"cycle {k}"),
                 lungs=panel["lungs"][:n],
             )
         )
-        samples = paths.stage(k, arch, "shards") / "samples.png"
+        samples = layout.shards(k, arch) / SAMPLES
         if samples.is_file():
             out.append(samples)
     return out
 
 
-def write_cycle_report(runner: Runner, state: CycleState, tracking_note: str) -> Path:
+def write_cycle_report(
+    layout: RunLayout,
+    results: dict[str, list[dict]],
+    stopped: dict[str, str],
+    tracking_note: str,
+) -> Path:
     """<run>/report.md: the table, per-cycle curves, why architectures stopped, the last CAMs."""
-    root = runner.paths.root
-    measured = {key for cycles in state.results.values() for m in cycles for key in m}
-    metrics = [key for key, _ in REPORT_METRICS if key in measured]
-    curves = plots.cycle_curves(state.results, metrics, root / "cycle_curves.png")
+    root = layout.root
+    measured = {key for cycles in results.values() for m in cycles for key in m}
+    metrics = [metric.key for metric in METRICS if metric.key in measured]
+    curves = plots.cycle_curves(results, metrics, layout.file(CURVES))
     lines = [
-        f"# Cycle report: {runner.run_name}",
+        f"# Cycle report: {layout.name}",
         "",
         "Classification on the original films (test: same shortcut as train; test_cf: "
         "shortcut reversed); localisation of the CAM on test, mean (95% bootstrap interval).",
         "",
-        cycle_table(state.results),
+        cycle_table(results),
         "",
         f"![per-cycle metrics]({curves.name})",
         "",
     ]
-    for arch, why in state.stopped.items():
+    for arch, why in stopped.items():
         lines.append(f"- {arch} stopped {why}")
-    for arch, cycles in state.results.items():
+    for arch, cycles in results.items():
         last = len(cycles) - 1
-        for name in ("cam_grid.png", "cam_before_after.png"):
-            picture = runner.paths.stage(last, arch, "evaluate") / name
+        for name in (CAM_GRID, CAM_BEFORE_AFTER):
+            picture = layout.evaluate(last, arch) / name
             if picture.is_file():
                 lines.append(f"![{arch} {name}]({picture.relative_to(root)})")
     lines += ["", tracking_note, ""]
-    return atomic_write_text(root / "report.md", "\n".join(lines))
+    return atomic_write_text(layout.file(REPORT), "\n".join(lines))
+
+
+def job_note(
+    name: str,
+    mode: str,
+    results: dict[str, list[dict]],
+    stopped: dict[str, str],
+    compare_link: str,
+) -> str:
+    """A cycle job's description, as MLflow's UI shows it on the job run (markdown)."""
+    cycles = max((len(c) for c in results.values()), default=1) - 1
+    return "\n".join(
+        [
+            f"**{name}**: {', '.join(results)}; baseline + {cycles} cycle(s), {mode}. "
+            "Classification on the original films (test_cf: the shortcut reversed); "
+            "localisation of the CAM on test, mean (95% interval).",
+            "",
+            f"[Compare every cycle and architecture]({compare_link})",
+            "",
+            cycle_table(results),
+            *(f"- {arch} stopped {why}" for arch, why in stopped.items()),
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Evidence
 
 
-LOCALIZATION_METRICS = tuple(
-    (metric, label)
-    for metric, label in EVIDENCE_METRICS
-    if metric in ("lesion_pointing_game", "lung_energy_share", "confounder_energy_share")
-)
-
-
-def evidence_table(table: dict, metrics: Sequence[tuple[str, str]] = EVIDENCE_METRICS) -> str:
+def evidence_table(table: dict, metrics: Sequence[Metric] = EVIDENCE_METRICS) -> str:
     """One row per (arch, variant): baseline -> last cycle, and the change with its 95% interval."""
 
     def change(m: dict | None) -> str:
@@ -189,13 +221,13 @@ def evidence_table(table: dict, metrics: Sequence[tuple[str, str]] = EVIDENCE_ME
         return len(next(iter(row.values()))["seeds"] if row else [])
 
     return markdown_table(
-        ["arch", "variant", "seeds", *(label for _, label in metrics)],
+        ["arch", "variant", "seeds", *(metric.label for metric in metrics)],
         (
             [
                 arch,
                 variant,
                 seeds(row),
-                *(change(row.get(metric)) for metric, _ in metrics),
+                *(change(row.get(metric.key)) for metric in metrics),
             ]
             for arch, variants in table.items()
             for variant, row in variants.items()

@@ -23,9 +23,8 @@ from cycle.config import (
 )
 from cycle.console import log
 from cycle.io import atomic_write_json, atomic_write_text, folder_lock
+from cycle.layout import RUN_INFO, SAVED_CONFIG
 
-SAVED_CONFIG = "config.yaml"
-RUN_INFO = "run.json"
 # Where and how a run executes, not what it computes.
 NEUTRAL_KEYS = ("output_dir", "run_name", "resources", "tracking", "sweep")
 

@@ -29,53 +29,54 @@ from cycle.data.records import ScanResult, records_of
 from cycle.data.shards import read_manifest
 from cycle.evaluate import evaluate_localization, panel_records
 from cycle.io import atomic_write_json
+from cycle.layout import (
+    BEST,
+    DONE,
+    METRICS,
+    PANEL,
+    PER_IMAGE,
+    RECORDS,
+    RESULTS,
+    SAMPLES,
+    SHARD_DATA,
+    RunLayout,
+    mark_done,
+    marked_done,
+    stage_config,
+)
 from cycle.lungseg import ensure_lung_model
 from cycle.ray_session import init_ray
 from cycle.resources import decide_gpu
 from cycle.run_config import check_run_config, claim_run, record_run_config
 from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
-from cycle.tracking import track_cycle
+from cycle.tracking.cycle_runs import track_cycle
 from cycle.train import run_training
 
-DONE = "DONE"
 
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    def stage(self, k: int, arch: str, name: str) -> Path:
-        return self.root / f"cycle_{k}" / arch / name
-
-    @staticmethod
-    def done(stage_dir: Path) -> bool:
-        """Marked done, and its outputs still readable: a stage whose files were truncated or
-        damaged since is redone (with a message), never trusted into a traceback later."""
-        if not (stage_dir / DONE).is_file():
-            return False
-        problem = damaged_outputs(stage_dir)
-        if problem:
-            log(f"[resume] {stage_dir}: {problem}; redoing this stage")
-            (stage_dir / DONE).unlink(missing_ok=True)
-            return False
-        return True
-
-    @staticmethod
-    def mark_done(stage_dir: Path, info: dict | None = None) -> None:
-        atomic_write_json(stage_dir / DONE, {"finished": time.time(), **(info or {})})
+def finished(stage_dir: Path) -> bool:
+    """Marked done, and its outputs still readable: a stage whose files were truncated or damaged
+    since is redone (with a message), never trusted into a traceback later."""
+    if not marked_done(stage_dir):
+        return False
+    problem = damaged_outputs(stage_dir)
+    if problem:
+        log(f"[resume] {stage_dir}: {problem}; redoing this stage")
+        (stage_dir / DONE).unlink(missing_ok=True)
+        return False
+    return True
 
 
 def damaged_outputs(stage_dir: Path) -> str | None:
     """What is wrong with a finished stage's files, or None. Checks what later stages read."""
     try:
         if stage_dir.name == "shards":
-            read_manifest(stage_dir / "data", verify=True)
+            read_manifest(stage_dir / SHARD_DATA, verify=True)
             return None
-        json.loads((stage_dir / "metrics.json").read_text())
+        json.loads((stage_dir / METRICS).read_text())
         if stage_dir.name == "train":
-            torch.load(stage_dir / "best.pt", map_location="cpu", weights_only=True)
+            torch.load(stage_dir / BEST, map_location="cpu", weights_only=True)
         elif stage_dir.name == "evaluate":
-            dict(np.load(stage_dir / "panel.npz"))
+            dict(np.load(stage_dir / PANEL))
     except Exception as err:  # any unreadable file means the same: redo the stage
         return f"{type(err).__name__}: {err}"
     return None
@@ -85,22 +86,6 @@ def damaged_outputs(stage_dir: Path) -> str | None:
 class CycleState:
     results: dict[str, list[dict]] = field(default_factory=dict)  # arch -> metrics per cycle
     stopped: dict[str, str] = field(default_factory=dict)  # arch -> why it stopped early
-
-
-def arch_config(cfg: Config, arch: str, k: int, previous: Path | None) -> Config:
-    """The config of one (cycle, architecture) training stage: fine-tuning after the baseline."""
-    if k == 0:
-        return cfg.with_overrides({"model.arch": arch})
-    return cfg.with_overrides(
-        {
-            "model.arch": arch,
-            "model.weights_path": str(previous),
-            "model.pretrained": False,
-            "train.epochs": cfg.cycles.epochs,
-            "train.lr": cfg.cycles.lr,
-            "seed": cfg.seed + k,  # a fresh shuffle per cycle, still fixed by the seed
-        }
-    )
 
 
 def should_stop(history: list[dict], epsilon: float, delta: float) -> str | None:
@@ -133,7 +118,7 @@ class Runner:
         # Workers run in folders of their own: no relative path survives.
         cfg = cfg.with_absolute_paths()
         self.cfg = cfg
-        self.paths = RunPaths(Path(cfg.output_dir) / run_name)
+        self.paths = RunLayout.of(cfg, run_name)
         self.run_name = run_name
         self.tracker = tracker
         self.on_cycle = on_cycle
@@ -155,15 +140,10 @@ class Runner:
         self.use_gpu, line = decide_gpu(self.cfg.resources.use_gpu, ray.cluster_resources())
         log(f"[plan] {line}")
 
-    def stage_config(self, k: int, arch: str) -> Config:
-        """The config of one (cycle, architecture), as its MLflow run records it: fine-tuned from
-        the previous cycle's best weights after the baseline."""
-        previous = self.paths.stage(k - 1, arch, "train") / "best.pt" if k else None
-        return arch_config(self.cfg, arch, k, previous)
-
     def running_config(self, k: int, arch: str) -> Config:
-        """stage_config with the job's GPU decision in it, for a stage that runs now."""
-        cfg = self.stage_config(k, arch)
+        """The stage's config (`layout.stage_config`, what its MLflow run records) with the job's
+        GPU decision in it, for a stage that runs now."""
+        cfg = stage_config(self.cfg, self.paths, k, arch)
         if self.use_gpu is None:
             return cfg
         return cfg.with_overrides({"resources.use_gpu": self.use_gpu})
@@ -175,7 +155,7 @@ class Runner:
 
     def prepare(self) -> tuple[Path, Path]:
         """Records (phantoms made if missing) and the lung model: the cheap-to-check inputs."""
-        records_path = self.paths.root / "records.json"
+        records_path = self.paths.file(RECORDS)
         if records_path.is_file():
             try:
                 ScanResult.load(records_path)
@@ -191,7 +171,7 @@ class Runner:
         return records_path, lung_model
 
     def train_stage(self, k: int, archs: list[str], records: Path, shards: dict[str, Path]) -> None:
-        pending = [a for a in archs if not self.paths.done(self.paths.stage(k, a, "train"))]
+        pending = [a for a in archs if not finished(self.paths.train(k, a))]
         if not pending:
             return
         how = (
@@ -204,7 +184,7 @@ class Runner:
         log(f"[cycle {k}] training {', '.join(pending)} {how}")
 
         def fit(arch: str) -> str:
-            stage = self.paths.stage(k, arch, "train")
+            stage = self.paths.train(k, arch)
             run_training(
                 self.running_config(k, arch),
                 records,
@@ -213,7 +193,7 @@ class Runner:
                 train_shards=shards.get(arch),
                 threads=max(1, int(self.cfg.resources.cpus_per_worker)),
             )
-            self.paths.mark_done(stage)
+            mark_done(stage)
             return arch
 
         # In-process training (num_workers=0) runs one at a time: torch's global seed and threads
@@ -224,8 +204,8 @@ class Runner:
                 log(f"[cycle {k}] {arch}: training done")
 
     def shards_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> Path:
-        stage = self.paths.stage(k, arch, "shards")
-        if not self.paths.done(stage):
+        stage = self.paths.shards(k, arch)
+        if not finished(stage):
             if not self.inprocess_shards:
                 self.ensure_ray()
             cfg = self.running_config(k, arch)
@@ -237,41 +217,41 @@ class Runner:
                 train + records_of(scan.records, "val"),
                 previous,
                 lung_model,
-                stage / "data",
+                stage / SHARD_DATA,
                 log=log,
                 inprocess=self.inprocess_shards,
                 # One actor per GPU share when the job asks for GPUs (resources.use_gpu).
                 gpus_per_actor=cfg.resources.gpus_per_worker if cfg.resources.use_gpu else 0.0,
             )
             worker = EnhanceWorker.from_config(str(previous), str(lung_model), cfg)
-            sample_picture(cfg, train, worker, stage / "samples.png")
-            self.paths.mark_done(stage)
-        return stage / "data"
+            sample_picture(cfg, train, worker, stage / SAMPLES)
+            mark_done(stage)
+        return stage / SHARD_DATA
 
     def evaluate_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> dict:
-        stage = self.paths.stage(k, arch, "evaluate")
-        if self.paths.done(stage):
-            return json.loads((stage / "metrics.json").read_text())
-        train_dir = self.paths.stage(k, arch, "train")
-        metrics = json.loads((train_dir / "metrics.json").read_text())["flat"]
+        stage = self.paths.evaluate(k, arch)
+        if finished(stage):
+            return json.loads((stage / METRICS).read_text())
+        train_dir = self.paths.train(k, arch)
+        metrics = json.loads((train_dir / METRICS).read_text())["flat"]
         test = records_of(scan.records, "test")
         metrics.update(
             evaluate_localization(
-                train_dir / "best.pt",
+                train_dir / BEST,
                 test,
                 self.cfg.cam.method,
                 lung_model,
                 panel=panel_records(test, self.cfg.seed),
-                out_npz=stage / "panel.npz",
+                out_npz=stage / PANEL,
                 seed=self.cfg.seed,
-                per_image_npz=stage / "per_image.npz",
+                per_image_npz=stage / PER_IMAGE,
                 cam_depth=self.cfg.cam.depth,
                 probe_dilate_px=self.cfg.enhance.dilate_px,
             )
         )
         # The same on val: what the stop rule and sweeps decide on (test only reports).
         val = evaluate_localization(
-            train_dir / "best.pt",
+            train_dir / BEST,
             records_of(scan.records, "val"),
             self.cfg.cam.method,
             lung_model,
@@ -281,8 +261,8 @@ class Runner:
         )
         metrics.update({f"val_{key}": value for key, value in val.items() if "_ci_" not in key})
         faults.reached("evaluate")
-        atomic_write_json(stage / "metrics.json", metrics)
-        self.paths.mark_done(stage)
+        atomic_write_json(stage / METRICS, metrics)
+        mark_done(stage)
         return metrics
 
     # -- the whole job ---------------------------------------------------------------------------
@@ -313,7 +293,7 @@ class Runner:
                     log(f"[cycle {k}] {arch} stops: {why}")
             log(f"[cycle {k}] done in {time.perf_counter() - started:.0f}s")
         atomic_write_json(
-            self.paths.root / "results.json", {"results": state.results, "stopped": state.stopped}
+            self.paths.file(RESULTS), {"results": state.results, "stopped": state.stopped}
         )
         return state
 
@@ -321,4 +301,4 @@ class Runner:
 
     def track(self, k: int, arch: str, metrics: dict, shards: Path | None) -> None:
         if self.tracker is not None:
-            track_cycle(self, k, arch, metrics, shards, self.stage_config(k, arch))
+            track_cycle(self.tracker, self.cfg, self.paths, k, arch, metrics, shards)

@@ -3,10 +3,13 @@ the U-Net lung mask, localisation numbers and the enhanced film, in one pass, wr
 
     read_binary_files -> decode (tasks; a bad file becomes a 'skipped' row, never an error)
       -> EnhanceWorker (actors holding both models; GPUs where configured)
-      -> write_parquet into <out>.partial-<id> -> manifest -> rename to <out>
+      -> the driver iterates the output batches and writes each one itself, with pyarrow, as
+         <out>.partial-<id>/part-NNNNN.parquet -> manifest (driver) -> rename to <out>
 
-The same `decode_batch` and `EnhanceWorker` run in-process (`enhance_inprocess`): the benchmark's
-batched baseline, the sample picture, and the tests' reference.
+Ray Data computes the rows; the driver writes the files (it never decodes a film or computes a
+CAM). With `inprocess=True` the same `decode_batch` and `EnhanceWorker` run in this process and
+write the same parts, without Ray (`iter_enhanced`; also the benchmark's batched baseline, the
+sample picture, and the tests' reference).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from cycle.data.transforms import (
     decode_grayscale,
     preprocess_from_config,
 )
-from cycle.enhance import derangement, enhance_batch
+from cycle.enhance import derangement, enhance_batch, needs_donor
 from cycle.lungseg.masks import load_lung_model
 from cycle.lungseg.masks import predict as predict_lungs
 from cycle.resources import plan_shard_pool, waiting_message
@@ -149,9 +152,7 @@ class EnhanceWorker:
         cams, lungs, probs = self.maps(films)
         e = self.enhance_cfg
         rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["path"][idx[0]]).encode())])
-        context = (
-            batch["context"][idx].astype(np.float32) / 255.0 if e.mode == "context_swap" else None
-        )
+        context = batch["context"][idx].astype(np.float32) / 255.0 if needs_donor(e.mode) else None
         result = enhance_batch(
             films.astype(np.float32) / 255.0,
             cams,
@@ -216,7 +217,7 @@ def decode_arguments(cfg: Config, lookup: dict) -> dict:
         "lookup": lookup,
         "preprocess": preprocess_from_config(cfg.data),
         "max_pixels": cfg.data.max_image_pixels,
-        "with_context": cfg.enhance.mode == "context_swap",
+        "with_context": needs_donor(cfg.enhance.mode),
     }
 
 

@@ -27,6 +27,7 @@ import yaml
 from cycle.config import Config, ConfigError
 from cycle.data.prepare import prepare_records
 from cycle.io import atomic_write_text
+from cycle.layout import RECORDS, RunLayout
 from cycle.lungseg import ensure_lung_model
 from cycle.ray_session import init_ray
 from cycle.report import cell
@@ -169,8 +170,8 @@ def run_trial(params: dict) -> None:
     cfg = trial_config(base, values, str(Path(params["sweep_dir"]) / "trials"))
     root = Path(cfg.output_dir) / trial_id
     root.mkdir(parents=True, exist_ok=True)
-    if not (root / "records.json").is_file():
-        shutil.copy2(params["records"], root / "records.json")  # scanned once by the driver
+    if not (root / RECORDS).is_file():
+        shutil.copy2(params["records"], root / RECORDS)  # scanned once by the driver
 
     def report(k: int, arch: str, metrics: dict) -> None:
         numbers = {
@@ -261,7 +262,7 @@ def run_sweep(cfg: Config, space: Mapping[str, Any], name: str, resume: bool = F
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / "space.yaml", yaml.safe_dump(dict(space), sort_keys=False))
     init_ray(cfg)
-    records = sweep_dir / "records.json"
+    records = sweep_dir / RECORDS
     if not records.is_file():
         prepare_records(cfg, verbose=True).save(records)
     lung_model = ensure_lung_model(cfg, log=log)
@@ -311,8 +312,5 @@ def run_sweep(cfg: Config, space: Mapping[str, Any], name: str, resume: bool = F
 
 def trial_model(sweep_dir: Path, row: dict) -> Path | None:
     """The model a trial made: its last cycle's best.pt (None when it finished no training)."""
-    root = sweep_dir / "trials" / row["trial_id"]
-    cycles = sorted(
-        root.glob("cycle_*/*/train/best.pt"), key=lambda p: int(p.parts[-4].split("_")[1])
-    )
+    cycles = RunLayout(sweep_dir / "trials" / row["trial_id"]).trained_cycles()
     return cycles[-1] if cycles else None

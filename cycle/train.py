@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,21 +39,16 @@ from cycle.data.shards import load_shards
 from cycle.data.transforms import augment_from_config, preprocess_from_config
 from cycle.evaluate import EVAL_SPLITS, autocast, evaluate_splits, split_metrics
 from cycle.io import atomic_write_json
+from cycle.layout import BEST, EPOCH_LOG, HISTORY, LAST, METRICS, RAY_CHECKPOINT, STARTED
 from cycle.metrics import format_table, prefixed
 from cycle.models import Classifier, build_model
-from cycle.ray_checkpoints import LAST, RAY_EPOCH, newest_checkpoint
+from cycle.ray_checkpoints import RAY_EPOCH, newest_checkpoint
 from cycle.resources import decide_gpu, trainer_request, waiting_message
 from cycle.watchdog import Watchdog
 
-# LAST (model, optimiser, scheduler, epoch, early-stopping state, history) and RAY_EPOCH (beside
-# it in Ray's checkpoint: its epoch and last.pt's size) are named in cycle.ray_checkpoints.
-BEST = "best.pt"  # model weights with the lowest val loss so far
-STARTED = (
-    "started.json"  # written when a worker begins: the driver's watchdog knows it got resources
-)
-EPOCH_LOG = (
-    "epochs.log"  # one line per epoch executed (history.json is rebuilt from the checkpoint)
-)
+# The stage's files are named in cycle.layout: BEST (the weights with the lowest val loss so far),
+# LAST (model, optimiser, scheduler, epoch, early-stopping state, history), STARTED; RAY_EPOCH
+# (beside LAST in Ray's checkpoint: its epoch and last.pt's size) in cycle.ray_checkpoints.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +95,7 @@ class Session:
         path = run_dir / LAST
         if self.in_ray and self.ray_checkpoints:
             stored = newest_checkpoint()
-            history = run_dir / "history.json"
+            history = run_dir / HISTORY
             local_epoch = (
                 len(json.loads(history.read_text())) if path.is_file() and history.is_file() else -1
             )
@@ -303,33 +298,82 @@ def build_datasets(
     return datasets
 
 
-def restore(run_dir: Path, cfg: Config, session: Session, model, optimizer, scheduler) -> dict:
+@dataclass
+class TrainingState:
+    """The loop's own state. last.pt keeps it under "state" as a plain dict with these keys (the
+    ones every checkpoint has had: older checkpoints restore, and newer ones read as before)."""
+
+    epoch: int = 0  # epochs finished
+    best_val_loss: float = math.inf  # lowest selection loss so far (val, or enhanced val)
+    bad_epochs: int = 0  # epochs since it last fell
+    finished: bool = False
+    history: list[dict] = field(default_factory=list)  # one row per epoch, as in history.json
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainingState:
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+    def end_epoch(self, select_loss: float, cfg: Config) -> tuple[bool, bool]:
+        """Early stopping on the selection loss (val, or enhanced val after the baseline), never
+        on test. Returns (improved, stopped early)."""
+        improved = select_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, select_loss)
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        self.epoch += 1
+        stop_early = self.bad_epochs >= cfg.train.early_stopping_patience
+        self.finished = self.epoch >= cfg.train.epochs or stop_early
+        return improved, stop_early
+
+
+@dataclass
+class Fit:
+    """What every epoch works with, built once by `assemble`."""
+
+    cfg: Config
+    session: Session
+    run_dir: Path
+    datasets: dict[str, ImageDataset]
+    model: Classifier  # what is validated, saved and evaluated
+    net: nn.Module  # what is trained: the model, DDP-wrapped with several workers
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    train_loader: DataLoader
+
+
+@dataclass
+class EpochResult:
+    row: dict  # the epoch's history row
+    improved: bool  # a new lowest selection loss: best.pt is rewritten
+    stop_early: bool  # patience ran out
+
+
+def restore(
+    run_dir: Path, cfg: Config, session: Session, model, optimizer, scheduler
+) -> TrainingState:
     """The loop's state: resumed from the newest readable checkpoint, else a fresh start.
     Writes started.json (the driver's watchdog sees the worker got its resources; the tests see
     where a resume came from)."""
-    state = {
-        "epoch": 0,
-        "best_val_loss": math.inf,
-        "bad_epochs": 0,
-        "finished": False,
-        "history": [],
-    }
+    state = TrainingState()
     who = cfg.model.arch
     resume = session.resume_file(run_dir)
     saved = read_checkpoint(resume[0], say, who) if resume is not None else None
     if saved is not None and read_checkpoint(run_dir / BEST, say, who) is None:
         saved = None  # the weights chosen so far are lost: only a fresh start chooses them again
     if saved is not None:
-        state = restore_training_state(saved, model, optimizer, scheduler)
+        state = TrainingState.from_dict(restore_training_state(saved, model, optimizer, scheduler))
         if session.is_main:
-            say(f"[{who}] resuming after epoch {state['epoch']} from the {resume[1]} {resume[2]}")
+            say(f"[{who}] resuming after epoch {state.epoch} from the {resume[1]} {resume[2]}")
     if session.is_main:
         atomic_write_json(
             run_dir / STARTED,
             {
                 "pid": os.getpid(),
                 "time": time.time(),
-                "resumed_after_epoch": state["epoch"],
+                "resumed_after_epoch": state.epoch,
                 "resumed_from": resume[2] if saved is not None else None,
                 "resume_source": resume[1] if saved is not None else None,
             },
@@ -337,83 +381,83 @@ def restore(run_dir: Path, cfg: Config, session: Session, model, optimizer, sche
     return state
 
 
-def end_of_epoch(state: dict, select_loss: float, cfg: Config) -> tuple[bool, bool]:
-    """Early stopping on the selection loss (val, or enhanced val after the baseline), never on
-    test. Updates `state`; returns (improved, stopped early)."""
-    improved = select_loss < state["best_val_loss"]
-    state["best_val_loss"] = min(state["best_val_loss"], select_loss)
-    state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-    state["epoch"] += 1
-    stop_early = state["bad_epochs"] >= cfg.train.early_stopping_patience
-    state["finished"] = state["epoch"] >= cfg.train.epochs or stop_early
-    return improved, stop_early
+def assemble(
+    cfg: Config, session: Session, run_dir: Path, datasets: dict[str, ImageDataset]
+) -> tuple[Fit, TrainingState]:
+    """Model, optimiser, schedule and loss, resumed from the last checkpoint if there is one."""
+    model = make_model(cfg).to(session.device)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    criterion = make_criterion(cfg, datasets["train"].labels, session.device)
+    state = restore(run_dir, cfg, session, model, optimizer, scheduler)
+    fit = Fit(
+        cfg=cfg,
+        session=session,
+        run_dir=run_dir,
+        datasets=datasets,
+        model=model,
+        # Wrapped after the resume: DDP starts every rank from the weights rank 0 holds then.
+        net=session.distributed(model),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        criterion=criterion,
+        train_loader=loader(datasets["train"], cfg, session, shuffle=True),
+    )
+    return fit, state
 
 
-def run_epoch(
-    net,
-    model,
-    train_loader,
-    datasets,
-    optimizer,
-    scheduler,
-    criterion,
-    state: dict,
-    cfg: Config,
-    session: Session,
-) -> tuple[dict, bool, bool]:
-    """Train one epoch, validate, step the schedule, update early stopping; returns the
-    history row, whether it improved and whether training stops early."""
-    epoch = state["epoch"]
+def run_epoch(fit: Fit, state: TrainingState) -> EpochResult:
+    """Train one epoch, validate, step the schedule, update early stopping and the history."""
+    cfg, device, datasets = fit.cfg, fit.session.device, fit.datasets
+    epoch = state.epoch
     started = time.perf_counter()
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout draws: fixed per epoch
     datasets["train"].set_epoch(epoch)
-    train_loader.sampler.set_epoch(epoch)
-    stats = train_one_epoch(net, train_loader, optimizer, criterion, cfg, session)
-    val = split_metrics(model, datasets["val"], cfg, session.device)
-    select = (
-        split_metrics(model, datasets["select"], cfg, session.device)
-        if "select" in datasets
-        else val
+    fit.train_loader.sampler.set_epoch(epoch)
+    stats = train_one_epoch(
+        fit.net, fit.train_loader, fit.optimizer, fit.criterion, cfg, fit.session
     )
-    scheduler.step()
-    improved, stop_early = end_of_epoch(state, select["loss"], cfg)
+    val = split_metrics(fit.model, datasets["val"], cfg, device)
+    select = (
+        split_metrics(fit.model, datasets["select"], cfg, device) if "select" in datasets else val
+    )
+    fit.scheduler.step()
+    improved, stop_early = state.end_epoch(select["loss"], cfg)
     row = {
         "epoch": epoch + 1,
         **stats,
         **prefixed(val, "val"),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": fit.optimizer.param_groups[0]["lr"],
         "seconds": time.perf_counter() - started,
     }
     if select is not val:
         row.update(prefixed(select, "select"))
-    state["history"].append(row)
-    return row, improved, stop_early
+    state.history.append(row)
+    return EpochResult(row, improved, stop_early)
 
 
-def save_epoch(
-    run_dir: Path,
-    model,
-    optimizer,
-    scheduler,
-    state: dict,
-    row: dict,
-    improved: bool,
-    stop_early: bool,
-    cfg: Config,
-    session: Session,
-) -> Path | None:
+def save_epoch(fit: Fit, state: TrainingState, result: EpochResult) -> Path | None:
     """Rank 0: epochs.log, best.pt when improved, last.pt, history.json, the epoch line; returns
     the folder to hand Ray as this epoch's checkpoint (None without Ray checkpoints)."""
+    cfg, run_dir, model, row = fit.cfg, fit.run_dir, fit.model, result.row
     with open(run_dir / EPOCH_LOG, "a") as handle:  # append-only: what really ran, resumed or not
         handle.write(f"{row['epoch']} {os.getpid()}\n")
-    if improved:
+    if result.improved:
         save_classifier(run_dir / BEST, model, cfg, epoch=row["epoch"])
-    save_training_state(run_dir / LAST, model, optimizer, scheduler, state, model_meta(cfg, model))
+    save_training_state(
+        run_dir / LAST,
+        model,
+        fit.optimizer,
+        fit.scheduler,
+        state.to_dict(),
+        model_meta(cfg, model),
+    )
     ray_dir = None
-    if session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)
-        ray_dir = stage_for_ray(run_dir / LAST, run_dir / "ray_checkpoint", state["epoch"])
-    atomic_write_json(run_dir / "history.json", state["history"])
-    say(epoch_line(row, cfg, improved, stop_early and state["epoch"] < cfg.train.epochs))
+    if fit.session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)
+        ray_dir = stage_for_ray(run_dir / LAST, run_dir / RAY_CHECKPOINT, state.epoch)
+    atomic_write_json(run_dir / HISTORY, state.history)
+    stopped_early = result.stop_early and state.epoch < cfg.train.epochs
+    say(epoch_line(row, cfg, result.improved, stopped_early))
     return ray_dir
 
 
@@ -457,14 +501,15 @@ def record_reads(run_dir: Path, session: Session, sampler: EpochShuffle, epoch: 
     )
 
 
-def final_evaluation(
-    model: Classifier, datasets: dict, cfg: Config, device: torch.device, run_dir: Path
-) -> dict:
+def final_evaluation(fit: Fit) -> dict:
     """Reload the weights chosen on val (never test) and evaluate every original split."""
-    best = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)
+    cfg, model = fit.cfg, fit.model
+    best = torch.load(fit.run_dir / BEST, map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
-    flat, results = evaluate_splits(model, datasets, cfg, device, run_dir, best_epoch=best["epoch"])
-    chosen_on = "enhanced val" if "select" in datasets else "val"
+    flat, results = evaluate_splits(
+        model, fit.datasets, cfg, fit.session.device, fit.run_dir, best_epoch=best["epoch"]
+    )
+    chosen_on = "enhanced val" if "select" in fit.datasets else "val"
     say(
         f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest {chosen_on} loss)\n"
         + format_table(results)
@@ -478,40 +523,25 @@ def train_func(loop_config: dict) -> None:
     model trains on the enhanced films and is still validated and tested on the originals."""
     loop = LoopConfig(**loop_config)
     cfg = Config.model_validate(loop.config)
-    run_dir = Path(loop.run_dir)
     quiet_ray_train_logs()
     session = Session.detect(loop.ray_checkpoints, loop.in_process)
     if session.in_ray and loop.threads:
         torch.set_num_threads(int(loop.threads))  # workers side by side share the cores
     torch.manual_seed(cfg.seed)
     datasets = build_datasets(cfg, ScanResult.load(loop.records), loop.train_shards)
-
-    model = make_model(cfg).to(session.device)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer)
-    criterion = make_criterion(cfg, datasets["train"].labels, session.device)
-    state = restore(run_dir, cfg, session, model, optimizer, scheduler)
-    net = session.distributed(model)
-    train_loader = loader(datasets["train"], cfg, session, shuffle=True)
-    if not state["finished"]:
-        record_reads(run_dir, session, train_loader.sampler, state["epoch"])
+    fit, state = assemble(cfg, session, Path(loop.run_dir), datasets)
+    if not state.finished:
+        record_reads(fit.run_dir, session, fit.train_loader.sampler, state.epoch)
         for name, ds in datasets.items():
             ds.preload(label=f"{cfg.model.arch} {name}" if session.is_main else "")
 
-    while not state["finished"]:
-        row, improved, stop_early = run_epoch(
-            net, model, train_loader, datasets, optimizer, scheduler, criterion, state, cfg, session
-        )
-        ray_dir = None
-        if session.is_main:
-            ray_dir = save_epoch(
-                run_dir, model, optimizer, scheduler, state, row, improved, stop_early, cfg, session
-            )
-        session.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, ray_dir)
+    while not state.finished:
+        result = run_epoch(fit, state)
+        ray_dir = save_epoch(fit, state, result) if session.is_main else None
+        numbers = {k: v for k, v in result.row.items() if isinstance(v, (int, float))}
+        session.report(numbers, ray_dir)
 
-    final = (
-        final_evaluation(model, datasets, cfg, session.device, run_dir) if session.is_main else {}
-    )
+    final = final_evaluation(fit) if session.is_main else {}
     session.report({"final": 1, **final})
 
 
@@ -554,7 +584,7 @@ def run_training(
         # In this process, on whatever device it has: the same loop without a Train controller
         # (inside a Tune trial, which already holds its CPU or GPU).
         train_func(asdict(loop))
-        return json.loads((run_dir / "metrics.json").read_text())["flat"]
+        return json.loads((run_dir / METRICS).read_text())["flat"]
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -578,7 +608,7 @@ def run_training(
     )
     with _TRAINERS.watch(name, run_dir, cfg, use_gpu):
         result = trainer.fit()
-    metrics_file = run_dir / "metrics.json"
+    metrics_file = run_dir / METRICS
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())["flat"]
     # Rank 0 ran on another node: its final report carries the metrics.

@@ -20,7 +20,7 @@ from cycle.data.prepare import prepare_records
 from cycle.data.records import DataError, records_of
 from cycle.ray_session import init_ray
 from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
-from cycle.tracking import Tracker
+from cycle.tracking.tracker import Tracker
 
 
 def main() -> None:

@@ -84,25 +84,23 @@ def main() -> None:
 def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
     from cycle.report import cycle_table, write_cycle_report
     from cycle.runner import Runner
-    from cycle.tracking import (
-        Tracker,
-        browse_hint,
+    from cycle.tracking.cycle_runs import (
         cycle_job_run,
         describe_job_run,
         log_job_files,
         register_best,
-        run_note,
     )
+    from cycle.tracking.tracker import Tracker, browse_hint, run_note
 
     started = time.perf_counter()
     with cycle_job_run(cfg, run_name) as tracker:  # a resumed run reopens its MLflow run
         runner = Runner(cfg, run_name, tracker=tracker, inprocess_shards=inprocess_shards)
         state = runner.run()
-        registered = register_best(tracker, runner, state)
+        registered = register_best(tracker, runner.paths, state.results)
         note = run_note(tracker)
-        report = write_cycle_report(runner, state, note)
-        describe_job_run(tracker, runner, state)
-        log_job_files(tracker, runner.paths.root)
+        report = write_cycle_report(runner.paths, state.results, state.stopped, note)
+        describe_job_run(tracker, runner.cfg, runner.paths, state.results, state.stopped)
+        log_job_files(tracker, runner.paths)
         hint = browse_hint(tracker)
     print("\n" + cycle_table(state.results))
     for arch, why in state.stopped.items():

@@ -20,10 +20,16 @@ from pathlib import Path
 
 import _common
 
-from cycle.evidence import VARIANTS, collect, probe_points, rescore_at_depth, run_evidence
+from cycle.evidence import (
+    all_variants,
+    collect,
+    probe_points,
+    rescore_at_depth,
+    run_evidence,
+)
 from cycle.preflight import input_problem
 from cycle.report import write_evidence_report
-from cycle.tracking import track_evidence
+from cycle.tracking.studies import track_evidence
 
 
 def main() -> None:
@@ -33,7 +39,8 @@ def main() -> None:
         )
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    known = list(all_variants())  # the control + every registered enhancement mode
+    parser.add_argument("--variants", nargs="+", default=known, choices=known)
     parser.add_argument(
         "--name", default="evidence", help="prefix of the runs and the report folder"
     )

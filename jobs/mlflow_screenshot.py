@@ -25,7 +25,7 @@ from cycle.mlflow_ui import (
     screenshot,
     show_comparison,
 )
-from cycle.tracking import latest_job_runs
+from cycle.tracking.tracker import latest_job_runs
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ from cycle.sweep import (
     trial_model,
     validate_space,
 )
-from cycle.tracking import track_sweep
+from cycle.tracking.studies import track_sweep
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from cycle.data.prepare import data_root
 from cycle.data.records import DataError
 from cycle.lungseg.data import LungDataError, find_pairs
 from cycle.lungseg.train import BEST, summary_line, train_lungseg
-from cycle.tracking import Tracker
+from cycle.tracking.tracker import Tracker
 
 
 def main() -> None:

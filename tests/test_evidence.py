@@ -157,7 +157,7 @@ def test_probe_points_pair_the_probe_with_the_cf_gap_and_count_a_baseline_once(t
     report = write_evidence_report(cfg, "ev", table, [0], points, {1: table})
     assert "**1.00** for `context_gap` and **1.00** for `context_reliance`" in report.read_text()
     depth_part = report.read_text().split("`cam.depth=1`")[1]
-    assert "| pointing | lung share | confounder share |" in depth_part
+    assert "| lung share | pointing | confounder share |" in depth_part
     assert "context reliance" not in depth_part.split("Settings")[0]  # localisation only
     assert (tmp_path / "ev" / "evidence_depth1.json").is_file()
     assert (tmp_path / "ev" / "probe_vs_truth.png").stat().st_size > 10_000
@@ -221,7 +221,7 @@ def test_rescoring_at_another_depth_maps_the_same_checkpoints_and_resumes(phanto
 def test_the_evidence_run_in_mlflow_keeps_the_whole_report_folder(tmp_path):
     import mlflow
 
-    from cycle.tracking import track_evidence
+    from cycle.tracking.studies import track_evidence
 
     base = {"correct": [1, 1, 1, 1], "cf": [0, 0, 0, 1], "pointing": [0.0] * 4, "reliance": [1] * 4}
     last = {"correct": [1, 1, 1, 0], "cf": [1, 1, 0, 0], "pointing": [0.0] * 4, "reliance": [0] * 4}

@@ -1,10 +1,11 @@
 """The classifier zoo: every architecture as `.features` (blocks) + `.head`, 1-channel input.
 
-Contract (DESIGN section 3): `model(x) == model.head(model.features(x))` for x of shape
-[N, 1, H, W]; the Grad-CAM layer is the output of `.features`. `.features` is an nn.Sequential of
-blocks, so `unfreeze=k` means "the last k blocks train" (0 = head only, "all" = everything).
+Contract: `model(x) == model.head(model.features(x))` for x of shape [N, 1, H, W]; the Grad-CAM
+layer is the output of `.features`. `.features` is an nn.Sequential of blocks, so `unfreeze=k`
+means "the last k blocks train" (0 = head only, "all" = everything).
 
-Adding an architecture is one function decorated with `@register("name")`.
+Adding an architecture is one function decorated with `@register("name")`, returning a
+`Classifier`: it is then a valid `model.arch` / `cycles.archs` value (cycle.registry).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+
+from cycle.registry import ARCHITECTURES
 
 CamMethod = str  # "gradcam" | "hirescam"
 
@@ -80,20 +83,17 @@ class Classifier(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Registry
 
+# A builder: (num_classes, image_size, dropout, pretrained, torchvision_state=None) -> Classifier.
 Builder = Callable[..., Classifier]
-_REGISTRY: dict[str, Builder] = {}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
-    def wrap(builder: Builder) -> Builder:
-        _REGISTRY[name] = builder
-        return builder
-
-    return wrap
+    """Decorator: the builder becomes architecture `name` (cycle.registry.ARCHITECTURES)."""
+    return ARCHITECTURES.register(name)
 
 
 def available_architectures() -> list[str]:
-    return list(_REGISTRY)
+    return ARCHITECTURES.names()
 
 
 def build_model(
@@ -106,14 +106,13 @@ def build_model(
     weights_path: str | Path | None = None,
 ) -> Classifier:
     """Build a 1-channel classifier; `weights_path` loads a local state dict (weights_only)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(_REGISTRY)}")
+    builder = ARCHITECTURES.get(name)  # ValueError naming the registered ones
     torchvision_state = None
     if weights_path is not None:
         state = load_state_dict(weights_path)
         if not any(k.startswith(("features.", "head.")) for k in state):
             torchvision_state, state = state, None  # an RGB torchvision checkpoint: adapt it below
-    model = _REGISTRY[name](
+    model = builder(
         num_classes=num_classes,
         image_size=image_size,
         dropout=dropout,

@@ -1,7 +1,5 @@
-"""MLflow tracking: one place that knows the store, the experiment and what a run records, and
-which run a resumed job reopens (`SavedRun`: the run id kept in an `mlflow_run.json`). The jobs'
-runs are here too: the cycle job's (a child per cycle and architecture, the best model
-registered), the sweep's and the evidence study's.
+"""The tracker: one place that knows the MLflow store, the experiment and what a run records, and
+which run a resumed job reopens (`SavedRun`: the run id kept in an `mlflow_run.json`).
 
 With `tracking.enabled: false` every call is a no-op, so library code logs unconditionally.
 Which store a config logs to is `cycle.store`'s. `mlflow` is imported where it is used: with
@@ -15,7 +13,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,12 +23,8 @@ from cycle.config import Config, flatten
 from cycle.console import log
 from cycle.data.shards import file_sha256
 from cycle.io import atomic_write_json
-from cycle.mlflow_ui import compare_url, runs_url
-from cycle.report import cycle_pictures, cycle_table
+from cycle.mlflow_ui import runs_url
 from cycle.store import artifact_root, server_problem, tracking_store, tracking_uri
-
-if TYPE_CHECKING:  # annotations only: the runner imports this module
-    from cycle.runner import CycleState, Runner
 
 # Without it MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage); with it,
 # on the training runs.
@@ -375,208 +369,3 @@ def latest_job_runs(store: str, experiment: str) -> tuple[str, str, list[str]] |
     )
     names = sorted(c.info.run_name for c in children)
     return found.experiment_id, job.info.run_name, names
-
-
-# ---------------------------------------------------------------------------------------------
-# The cycle job: a run per job, a nested run per (cycle, arch), the best model registered
-
-
-def cycle_job_run(cfg: Config, run_name: str) -> SavedRun:
-    """The cycle job's run, kept in <run>/mlflow_run.json: `--resume` reopens it while the store
-    is the same."""
-    return SavedRun(
-        cfg,
-        Path(cfg.output_dir) / run_name / "mlflow_run.json",
-        run_name,
-        belongs={"uri": tracking_uri(cfg)},
-        tags={"job": "cycle"},
-    )
-
-
-def child_run_name(k: int, arch: str) -> str:
-    """How a (cycle, arch) run reads in the UI's runs table."""
-    return f"cycle {k} · {arch}"
-
-
-def track_cycle(
-    runner: Runner, k: int, arch: str, metrics: dict, shards: Path | None, config: Config
-) -> None:
-    """One evaluated (cycle, arch) -> a run nested in the job's run (`runner.tracker`): `config`
-    (the stage's), per-epoch curves, metrics, pictures, the shard manifest. A child run cut off
-    half-way is reopened and completed, never left beside a second one; one logged in full before
-    an interruption is left as it is. Written from the driver's thread only."""
-    train_dir = runner.paths.stage(k, arch, "train")
-    record = runner.paths.stage(k, arch, "evaluate") / "mlflow_run.json"
-    child = SavedRun(
-        runner.cfg,
-        record,
-        child_run_name(k, arch),
-        belongs={"parent": runner.tracker.run_id},
-        config=config,
-        completes=True,
-        nested=True,
-        tags={"cycle": str(k), "arch": arch, "job_run": runner.run_name},
-    )
-    if child.complete:
-        return  # logged before the interruption
-    with child:
-        for row in json.loads((train_dir / "history.json").read_text()):
-            child.log_metrics(
-                {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]
-            )
-        child.log_metrics(metrics)
-        for picture in cycle_pictures(runner.paths, k, arch):
-            child.log_artifact(picture, "pictures")
-        if shards is not None:
-            child.log_artifact(shards / "manifest.json", "shards")
-        faults.reached("track")
-        child.log_artifact(train_dir / "metrics.json")
-        if runner.cfg.tracking.log_models == "every":
-            child.log_classifier(train_dir / "best.pt")  # the weights this cycle chose, on val
-        child.mark_complete()
-
-
-def register_best(tracker: Tracker, runner: Runner, state: CycleState) -> str | None:
-    """The job's product -> registry: each architecture's last cycle (what the refinement made),
-    and of those the one with the highest val accuracy (test never chooses)."""
-    if not tracker.active:
-        return None
-    best = max(
-        (
-            (cycles[-1]["val_accuracy"], len(cycles) - 1, arch)
-            for arch, cycles in state.results.items()
-            if cycles
-        ),
-        default=None,
-    )
-    if best is None:
-        return None
-    _, k, arch = best
-    # A finished run resumed again registers nothing new: same run, same winner, same version.
-    record = runner.paths.root / "registered.json"
-    done = json.loads(record.read_text()) if record.is_file() else {}
-    if done.get("run_id") == tracker.run_id and (done.get("arch"), done.get("cycle")) == (arch, k):
-        return done["message"]
-    checkpoint = runner.paths.stage(k, arch, "train") / "best.pt"
-    version = tracker.register_classifier(checkpoint, alias="best")
-    tracker.set_tags({"best_arch": arch, "best_cycle": str(k)})
-    if version is None or Tracker.lost:
-        return None
-    registry = tracker.cfg.tracking.registered_model_name
-    message = f"{registry} v{version} (alias 'best'): {arch}, cycle {k}"
-    atomic_write_json(
-        record, {"run_id": tracker.run_id, "arch": arch, "cycle": k, "message": message}
-    )
-    return message
-
-
-def describe_job_run(tracker: Tracker, runner: Runner, state: CycleState) -> None:
-    """The job run's description in the UI (`mlflow.note.content`, markdown): the result table
-    and a link that opens MLflow's comparison of every (cycle, arch) run."""
-    if not tracker.active:
-        return
-    children = []
-    for arch, cycles in state.results.items():
-        for k in range(len(cycles)):
-            record = runner.paths.stage(k, arch, "evaluate") / "mlflow_run.json"
-            if record.is_file():
-                children.append(json.loads(record.read_text())["run_id"])
-    compare = compare_url("", tracker.run.info.experiment_id, children)
-    cycles = max((len(c) for c in state.results.values()), default=1) - 1
-    note = "\n".join(
-        [
-            f"**{runner.run_name}**: {', '.join(state.results)}; baseline + {cycles} cycle(s), "
-            f"{runner.cfg.enhance.mode}. Classification on the original films (test_cf: the "
-            "shortcut reversed); localisation of the CAM on test, mean (95% interval).",
-            "",
-            f"[Compare every cycle and architecture]({compare})",
-            "",
-            cycle_table(state.results),
-            *(f"- {arch} stopped {why}" for arch, why in state.stopped.items()),
-        ]
-    )
-    tracker.set_tags({"mlflow.note.content": note})
-
-
-def log_job_files(tracker: Tracker, root: Path) -> None:
-    """A finished cycle job's own files (report, curves, config, records) -> its run."""
-    for name in ("report.md", "cycle_curves.png", "config.yaml", "records.json"):
-        tracker.log_artifact(root / name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweeps and evidence
-
-
-def track_sweep(
-    cfg: Config,
-    name: str,
-    rows: list[dict],
-    sweep_dir: Path,
-    files: list[Path],
-    best_model: Path | None,
-) -> str | None:
-    """A parent run for the sweep (kept in <sweep>/mlflow_run.json), a nested run per trial not
-    logged yet, the sweep's `files`, and the best trial's model (`best_model`, rows[0]'s)
-    registered once. Written from the driver only (one SQLite writer); returns what was
-    registered."""
-    record = sweep_dir / "mlflow_run.json"
-    with SavedRun(cfg, record, f"sweep-{name}", tags={"job": "sweep"}) as parent:
-        if parent.run is None:
-            return None
-        logged = set(parent.previous.get("trials", []))
-        for row in rows:
-            if row["trial_id"] not in logged:
-                _track_trial(cfg, name, row)
-                logged.add(row["trial_id"])
-        registered = parent.previous.get("registered")
-        parent.save(trials=sorted(logged), registered=registered)
-        for file in files:
-            parent.log_artifact(file, "sweep")
-        best = rows[0]
-        parent.log_metrics({"best_objective": best["objective"]})
-        parent.set_tags({"best_trial": best["trial_id"]})
-        if (registered or {}).get("trial_id") == best["trial_id"]:
-            return registered["message"]  # a resumed sweep with the same winner: no new version
-        if best_model is None:
-            return None
-        version = parent.register_classifier(best_model, alias="sweep_best", name="best_model")
-        if version is not None:
-            message = f"{cfg.tracking.registered_model_name} v{version} (alias 'sweep_best')"
-            parent.save(
-                trials=sorted(logged), registered={"trial_id": best["trial_id"], "message": message}
-            )
-            return message
-    return None
-
-
-def _track_trial(cfg: Config, sweep: str, row: dict) -> None:
-    tags = {"trial_id": row["trial_id"], "status": row["status"], "sweep": sweep}
-    with Tracker(cfg, run_name=f"trial-{row['trial_id']}", nested=True, tags=tags) as child:
-        child.log_params({k: str(v) for k, v in row["values"].items()})
-        for step, report in enumerate(row["history"]):
-            child.log_metrics(
-                {
-                    k: v
-                    for k, v in report.items()
-                    if isinstance(v, (int, float))
-                    and not isinstance(v, bool)
-                    and k not in ("training_iteration",)
-                },
-                step=step,
-            )
-
-
-def track_evidence(cfg: Config, name: str, table: dict, report: Path) -> None:
-    """The evidence study's run: the config, each (arch, variant, metric) change, and the report
-    folder's files (the report, its tables as JSON, the probe's points and its plot)."""
-    with Tracker(cfg, run_name=name, tags={"job": "evidence"}) as tracker:
-        tracker.log_config()
-        for arch, rows in table.items():
-            for variant, row in rows.items():
-                tracker.log_metrics(
-                    {f"{arch}.{variant}.{metric}_change": m["change"] for metric, m in row.items()}
-                )
-        for path in sorted(report.parent.iterdir()):
-            if path.is_file() and path.suffix in (".md", ".json", ".png"):
-                tracker.log_artifact(path)
