@@ -12,6 +12,7 @@ from torch import nn
 from cycle.config import Config
 from cycle.data.transforms import Preprocess
 from cycle.io import atomic_torch_save
+from cycle.model_refs import local_checkpoint
 from cycle.models import Classifier, build_model
 
 
@@ -34,13 +35,15 @@ def save_classifier(path: str | Path, model: Classifier, cfg: Config, **extra) -
 
 
 def load_classifier(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", tracking_uri: str | None = None
 ) -> tuple[Classifier, Preprocess]:
-    """Rebuild the classifier a checkpoint (best.pt / last.pt) was trained as, in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """Rebuild the classifier a checkpoint (best.pt / last.pt) was trained as, in eval mode.
+    `path` may also name an MLflow model (`models:/name@alias`, `models:/name/3`,
+    `runs:/<id>/model`, looked up in `tracking_uri`; see cycle.model_refs)."""
+    with local_checkpoint(path, tracking_uri) as local:
+        if not local.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {local}")
+        saved = torch.load(local, map_location="cpu", weights_only=True)
     meta = saved.get("meta") if isinstance(saved, dict) else None
     if not meta:
         raise ValueError(

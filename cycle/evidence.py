@@ -10,7 +10,6 @@ per-film differences (same films, same seed, baseline vs last cycle).
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from cycle.layout import (
 )
 from cycle.probe import context_gap
 from cycle.registry import ENHANCE_MODES
-from cycle.report import EVIDENCE_METRICS, write_cycle_report
+from cycle.report import EVIDENCE_METRICS, predictions_table, write_cycle_report
 from cycle.runner import Runner
 
 EVIDENCE_KEYS = tuple(metric.key for metric in EVIDENCE_METRICS)
@@ -104,11 +103,11 @@ def run_evidence(
 
 
 def _correct(path: Path) -> dict[str, float]:
-    with open(path, newline="") as f:
-        return {
-            row["path"]: float((float(row["prob_pneumonia"]) >= 0.5) == (row["label"] == "1"))
-            for row in csv.DictReader(f)
-        }
+    table = predictions_table(path) or {"path": [], "label": [], "prob_pneumonia": []}
+    return {
+        film: float((prob >= 0.5) == (label == 1))
+        for film, label, prob in zip(table["path"], table["label"], table["prob_pneumonia"])
+    }
 
 
 def per_film(

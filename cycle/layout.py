@@ -5,7 +5,7 @@ report, the evidence study or a sweep reads back is named here, and nowhere else
         config.yaml, run.json       the run's config and its hash (cycle.run_config)
         records.json                the scanned films
         mlflow_run.json             the job's MLflow run (a resumed job reopens it)
-        results.json, report.md, cycle_curves.png, registered.json
+        results.json, timings.json, report.md, cycle_curves.png, registered.json
         cycle_<k>/<arch>/
             shards/     data/ (parquet + manifest.json), samples.png, DONE
             train/      best.pt, last.pt, history.json, metrics.json, predictions_<split>.csv,
@@ -42,10 +42,12 @@ SHARD_DATA = "data"
 SAMPLES = "samples.png"
 CAM_GRID = "cam_grid.png"
 CAM_BEFORE_AFTER = "cam_before_after.png"
+ROC_PR = "roc_pr.png"
 
 # In the run's folder
 RECORDS = "records.json"
 RESULTS = "results.json"
+TIMINGS = "timings.json"  # wall seconds per stage, cycle and architecture
 REPORT = "report.md"
 CURVES = "cycle_curves.png"
 REGISTERED = "registered.json"

@@ -152,6 +152,34 @@ def confusion_matrix_plot(cm: Sequence[Sequence[int]], path: str | Path, title: 
     return _save(fig, path)
 
 
+def roc_pr_plot(
+    scored: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = ""
+) -> Path:
+    """ROC and precision-recall curves, one line per split: {split: (labels, P(PNEUMONIA))}.
+    A split with one class only has no curve (and says so in the legend)."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(7.4, 3.4))
+    for split, (labels, probs) in scored.items():
+        labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
+        if not 0 < labels.sum() < len(labels):
+            roc.plot([], [], label=f"{split}: one class only")
+            continue
+        fpr, tpr, _ = roc_curve(labels, probs)
+        precision, recall, _ = precision_recall_curve(labels, probs)
+        roc.plot(fpr, tpr, label=f"{split} (AUC {auc(fpr, tpr):.3f})")
+        pr.plot(recall, precision, label=f"{split} (base {labels.mean():.2f})")
+    roc.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+    roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    pr.set(xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall")
+    for ax in (roc, pr):
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=8, loc="lower right" if ax is roc else "lower left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def cycle_curves(
     per_cycle: Mapping[str, Sequence[Mapping[str, float]]],
     metrics: Sequence[str],

@@ -6,6 +6,7 @@ Every table is built by `markdown_table`; every file is written atomically.
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from cycle.layout import (
     CURVES,
     PANEL,
     REPORT,
+    ROC_PR,
     SAMPLES,
     RunLayout,
+    predictions,
 )
 from cycle.layout import (
     METRICS as METRICS_FILE,
@@ -125,6 +128,13 @@ def cycle_pictures(layout: RunLayout, k: int, arch: str) -> list[Path]:
                     title=f"{arch} c{k} {split}",
                 )
             )
+    scored = {
+        split: (table["label"], table["prob_pneumonia"])
+        for split in ("test", "test_cf")
+        if (table := predictions_table(layout.train(k, arch) / predictions(split)))
+    }
+    if scored:
+        out.append(plots.roc_pr_plot(scored, stage / ROC_PR, title=f"{arch}, cycle {k}"))
     if k > 0:
         before = np.load(layout.evaluate(0, arch) / PANEL)
         n = 12
@@ -143,6 +153,19 @@ def cycle_pictures(layout: RunLayout, k: int, arch: str) -> list[Path]:
         if samples.is_file():
             out.append(samples)
     return out
+
+
+def predictions_table(path: Path) -> dict[str, list] | None:
+    """predictions_<split>.csv as columns (path, label, prob_pneumonia); None when absent."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {
+        "path": [r["path"] for r in rows],
+        "label": [int(r["label"]) for r in rows],
+        "prob_pneumonia": [float(r["prob_pneumonia"]) for r in rows],
+    }
 
 
 def write_cycle_report(
@@ -177,6 +200,28 @@ def write_cycle_report(
                 lines.append(f"![{arch} {name}]({picture.relative_to(root)})")
     lines += ["", tracking_note, ""]
     return atomic_write_text(layout.file(REPORT), "\n".join(lines))
+
+
+def timing_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Where a job's time went: wall seconds per stage, cycle and architecture(s), in the order
+    they ran (architectures that train side by side share a row), and their sum."""
+    total = sum(row["seconds"] for row in rows)
+    return markdown_table(
+        ["stage", "cycle", "archs", "seconds", "share"],
+        [
+            *(
+                [
+                    row["stage"],
+                    "" if row["cycle"] is None else row["cycle"],
+                    row["archs"],
+                    f"{row['seconds']:.0f}",
+                    f"{row['seconds'] / total:.0%}" if total else "",
+                ]
+                for row in rows
+            ),
+            ["total", "", "", f"{total:.0f}", ""],
+        ],
+    )
 
 
 def job_note(

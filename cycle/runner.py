@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from cycle.layout import (
     RESULTS,
     SAMPLES,
     SHARD_DATA,
+    TIMINGS,
     RunLayout,
     mark_done,
     marked_done,
@@ -49,8 +51,11 @@ from cycle.ray_session import init_ray
 from cycle.resources import decide_gpu
 from cycle.run_config import check_run_config, claim_run, record_run_config
 from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
-from cycle.tracking.cycle_runs import track_cycle
+from cycle.tracking.cycle_runs import LiveCurves, track_cycle
 from cycle.train import run_training
+
+# How often the driver passes finished epochs to MLflow while training runs.
+LIVE_EVERY_S = 5.0
 
 
 def finished(stage_dir: Path) -> bool:
@@ -80,6 +85,27 @@ def damaged_outputs(stage_dir: Path) -> str | None:
     except Exception as err:  # any unreadable file means the same: redo the stage
         return f"{type(err).__name__}: {err}"
     return None
+
+
+class StageClock:
+    """Wall seconds per (stage, cycle, architectures) of this process (`rows`), added to the run's
+    timings.json as each stage ends, after what earlier processes of a resumed run spent."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.earlier: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+        self.rows: list[dict] = []  # this process's
+
+    @contextmanager
+    def timed(self, stage: str, k: int | None, archs: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - started
+            if seconds >= 0.01:  # a stage found done costs nothing worth a row
+                self.rows.append({"stage": stage, "cycle": k, "archs": archs, "seconds": seconds})
+                atomic_write_json(self.path, self.earlier + self.rows)
 
 
 @dataclass
@@ -127,6 +153,7 @@ class Runner:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         record_run_config(self.paths.root, cfg)
         self.use_gpu: bool | None = None  # decided by ensure_ray, when a stage first needs Ray
+        self.clock = StageClock(self.paths.file(TIMINGS))  # where the time went, stage by stage
 
     def ensure_ray(self) -> None:
         """Ray, started (or joined) by the first stage that needs it: a resumed job whose stages
@@ -197,11 +224,17 @@ class Runner:
             return arch
 
         # In-process training (num_workers=0) runs one at a time: torch's global seed and threads
-        # are shared.
+        # are shared. This thread feeds MLflow the epochs as they end (LiveCurves).
         side_by_side = len(pending) if self.cfg.resources.num_workers > 0 else 1
+        live = self.live_curves(k, pending)
         with ThreadPoolExecutor(max_workers=side_by_side) as pool:
-            for arch in pool.map(fit, pending):
-                log(f"[cycle {k}] {arch}: training done")
+            running = {pool.submit(fit, arch) for arch in pending}
+            while running:
+                done, running = wait(running, timeout=LIVE_EVERY_S, return_when=FIRST_COMPLETED)
+                for future in done:
+                    log(f"[cycle {k}] {future.result()}: training done")
+                if live is not None:
+                    live.follow()
 
     def shards_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> Path:
         stage = self.paths.shards(k, arch)
@@ -268,7 +301,8 @@ class Runner:
     # -- the whole job ---------------------------------------------------------------------------
 
     def run(self) -> CycleState:
-        records_path, lung_model = self.prepare()
+        with self.clock.timed("prepare", None, "all"):  # records, phantoms, lung model
+            records_path, lung_model = self.prepare()
         scan = ScanResult.load(records_path)
         state = CycleState()
         archs = list(self.cfg.cycles.archs)
@@ -277,12 +311,18 @@ class Runner:
             if not active:
                 break
             started = time.perf_counter()
-            shards = {a: self.shards_stage(k, a, scan, lung_model) for a in active} if k else {}
-            self.train_stage(k, active, records_path, shards)
+            shards = {}
+            for arch in active if k else []:
+                with self.clock.timed("shards", k, arch):
+                    shards[arch] = self.shards_stage(k, arch, scan, lung_model)
+            with self.clock.timed("train", k, "+".join(active)):
+                self.train_stage(k, active, records_path, shards)
             for arch in active:
-                metrics = self.evaluate_stage(k, arch, scan, lung_model)
+                with self.clock.timed("evaluate", k, arch):
+                    metrics = self.evaluate_stage(k, arch, scan, lung_model)
                 state.results.setdefault(arch, []).append(metrics)
-                self.track(k, arch, metrics, shards.get(arch))
+                with self.clock.timed("track", k, arch):
+                    self.track(k, arch, metrics, shards.get(arch))
                 if self.on_cycle is not None:
                     self.on_cycle(k, arch, metrics)
                 why = should_stop(
@@ -298,6 +338,11 @@ class Runner:
         return state
 
     # -- tracking ----------------------------------------------------------------------------------
+
+    def live_curves(self, k: int, archs: list[str]) -> LiveCurves | None:
+        if self.tracker is None:
+            return None
+        return LiveCurves(self.tracker, self.cfg, self.paths, k, archs)
 
     def track(self, k: int, arch: str, metrics: dict, shards: Path | None) -> None:
         if self.tracker is not None:

@@ -18,8 +18,10 @@ import _common
 
 from cycle.data.prepare import prepare_records
 from cycle.data.records import DataError, records_of
+from cycle.model_refs import checkpoint_into, ref_name
 from cycle.ray_session import init_ray
 from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
+from cycle.store import tracking_uri
 from cycle.tracking.tracker import Tracker
 
 
@@ -29,7 +31,12 @@ def main() -> None:
             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
     )
-    parser.add_argument("--model", required=True, help="classifier checkpoint (best.pt)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="classifier: a checkpoint (best.pt) or an MLflow model "
+        "(models:/cycle-classifier@best, models:/cycle-classifier/3, runs:/<id>/model)",
+    )
     parser.add_argument(
         "--lung-model", required=True, help="lung U-Net checkpoint (jobs/train_lungseg.py)"
     )
@@ -45,6 +52,13 @@ def main() -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     args = parser.parse_args()
     cfg = _common.config_from(args)
+    named = args.model
+    try:  # an MLflow model's checkpoint, kept beside the outputs for the Ray Data workers
+        args.model = str(
+            checkpoint_into(args.model, Path(cfg.output_dir) / "models", tracking_uri(cfg))
+        )
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
     for path in (args.model, args.lung_model):
         if not Path(path).is_file():
             sys.exit(f"error: checkpoint not found: {path}")
@@ -53,7 +67,7 @@ def main() -> None:
     except DataError as err:
         sys.exit(f"error: {err}")
     train = records_of(scan.records, "train")
-    out = Path(args.out or Path(cfg.output_dir) / "shards" / Path(args.model).parent.name)
+    out = Path(args.out or Path(cfg.output_dir) / "shards" / ref_name(named))
 
     init_ray(cfg)
     manifest = build_shards(

@@ -82,7 +82,7 @@ def main() -> None:
 
 
 def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
-    from cycle.report import cycle_table, write_cycle_report
+    from cycle.report import cycle_table, timing_table, write_cycle_report
     from cycle.runner import Runner
     from cycle.tracking.cycle_runs import (
         cycle_job_run,
@@ -96,12 +96,16 @@ def run(cfg: Config, run_name: str, inprocess_shards: bool) -> None:
     with cycle_job_run(cfg, run_name) as tracker:  # a resumed run reopens its MLflow run
         runner = Runner(cfg, run_name, tracker=tracker, inprocess_shards=inprocess_shards)
         state = runner.run()
-        registered = register_best(tracker, runner.paths, state.results)
+        with runner.clock.timed("register", None, "best"):
+            registered = register_best(tracker, runner.paths, state.results)
         note = run_note(tracker)
-        report = write_cycle_report(runner.paths, state.results, state.stopped, note)
-        describe_job_run(tracker, runner.cfg, runner.paths, state.results, state.stopped)
-        log_job_files(tracker, runner.paths)
+        with runner.clock.timed("report", None, "all"):
+            report = write_cycle_report(runner.paths, state.results, state.stopped, note)
+            describe_job_run(tracker, runner.cfg, runner.paths, state.results, state.stopped)
+            log_job_files(tracker, runner.paths)
         hint = browse_hint(tracker)
+    print("\nwhere the time went (wall seconds; archs trained side by side share a row):")
+    print(timing_table(runner.clock.rows))
     print("\n" + cycle_table(state.results))
     for arch, why in state.stopped.items():
         print(f"{arch} stopped {why}")

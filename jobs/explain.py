@@ -2,6 +2,12 @@
 
     python jobs/explain.py --model outputs/RUN/best.pt IMAGE_OR_DIR... --out DIR [--method auto]
                            [--depth auto] [--lung-model outputs/lungseg/RUN/best.pt]
+    python jobs/explain.py --model models:/cycle-classifier@best IMAGE_OR_DIR... --out DIR
+
+`--model` takes a checkpoint file or an MLflow model: `models:/cycle-classifier@best` (the
+registered winner), `models:/cycle-classifier/<version>`, `runs:/<run id>/model` (any cycle's
+weights), looked up in --tracking-uri (default: $MLFLOW_TRACKING_URI, else ./mlflow.db, where
+`python jobs/cycle.py` logs from the same folder).
 
 Writes DIR/overlays/<name>.png (the film with its CAM; the part outside the model's crop dimmed),
 DIR/predictions.csv (path, predicted class, probability) and DIR/skipped.csv for files that could
@@ -32,7 +38,15 @@ def main() -> int:
     )
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument(
-        "--model", required=True, help="a classifier checkpoint (best.pt or last.pt)"
+        "--model",
+        required=True,
+        help="a classifier checkpoint (best.pt or last.pt) or an MLflow model URI "
+        "(models:/cycle-classifier@best, models:/cycle-classifier/3, runs:/<id>/model)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="the MLflow store a models:/ or runs:/ URI is looked up in "
+        "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -50,7 +64,7 @@ def main() -> int:
     args = parser.parse_args()
 
     try:
-        model, preprocess = load_classifier(args.model)
+        model, preprocess = load_classifier(args.model, tracking_uri=args.tracking_uri)
         lung_model = load_lung_model(args.lung_model) if args.lung_model else None
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

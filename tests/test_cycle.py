@@ -23,11 +23,16 @@ def _run(args, cwd, timeout=600, env=None):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
+def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run, tmp_path):
     import mlflow
 
     out, db, proc = smoke_run
     run_dir = out / "smoke"
+    # Where the time went, said at the end and kept beside the run.
+    assert "where the time went" in proc.stdout, proc.stdout[-3000:]
+    assert "| train | 0 | tinyvgg |" in proc.stdout and "| shards | 1 | tinyvgg |" in proc.stdout
+    stages = {row["stage"] for row in json.loads((run_dir / "timings.json").read_text())}
+    assert stages >= {"prepare", "shards", "train", "evaluate", "track", "report"}
     for k in (0, 1):
         for stage in ("train", "evaluate") + (("shards",) if k else ()):
             assert (run_dir / f"cycle_{k}" / "tinyvgg" / stage / "DONE").is_file()
@@ -72,6 +77,17 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run):
         assert child.data.params["model.arch"] == "tinyvgg"
         pictures = {a.path for a in client.list_artifacts(child.info.run_id, "pictures")}
         assert "pictures/cam_grid.png" in pictures and "pictures/confusion_test_cf.png" in pictures
+        assert "pictures/roc_pr.png" in pictures
+        # The UI's image view: the CAM grid and the curves at the cycle's step.
+        k = child.data.tags["cycle"]
+        images = {a.path for a in client.list_artifacts(child.info.run_id, "images")}
+        for key in ("cam_grid", "roc_pr"):
+            assert any(p.startswith(f"images/{key}+step+{k}+") for p in images), (key, images)
+        tables = {a.path for a in client.list_artifacts(child.info.run_id, "predictions")}
+        assert tables == {f"predictions/{s}.json" for s in ("val", "test", "test_cf")}, tables
+        got = client.download_artifacts(child.info.run_id, "predictions/test.json", str(tmp_path))
+        table = json.loads(Path(got).read_text())  # MLflow's table JSON: columns, rows
+        assert table["columns"] == ["path", "label", "prob_pneumonia"] and len(table["data"]) == 64
         if child.data.tags["cycle"] == "1":
             assert (
                 "pictures/cam_before_after.png" in pictures and "pictures/samples.png" in pictures
@@ -141,6 +157,36 @@ def test_every_cycle_s_weights_load_back_from_mlflow(smoke_run):
     with torch.no_grad():
         torch.testing.assert_close(logged(films), model(films), rtol=0, atol=1e-5)
     assert winner.run_id != loser.info.run_id
+
+    # By name, with nothing else at hand: the architecture, geometry and weights come with the
+    # logged model (the run's model URI, and the registry's alias and version).
+    by_run, _ = load_classifier(f"runs:/{loser.info.run_id}/model", tracking_uri=f"sqlite:///{db}")
+    by_alias, pre_by_alias = load_classifier(
+        "models:/cycle-classifier@best", tracking_uri=f"sqlite:///{db}"
+    )
+    best, _ = load_classifier(out / "smoke" / "cycle_1" / "tinyvgg" / "train" / "best.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(by_run(films), model(films), rtol=0, atol=0)
+        torch.testing.assert_close(by_alias(films), best(films), rtol=0, atol=0)
+    assert pre_by_alias == pre
+    with pytest.raises(FileNotFoundError, match="cycle-classifier@nope"):
+        load_classifier("models:/cycle-classifier@nope", tracking_uri=f"sqlite:///{db}")
+
+
+def test_explain_takes_the_registered_model_by_name(smoke_run, tmp_path):
+    """The README's `python jobs/explain.py --model models:/cycle-classifier@best films/`, from
+    the folder the job logged from (its ./mlflow.db): no checkpoint path, nothing but the name."""
+    out, _, _ = smoke_run
+    films = tmp_path / "films"
+    films.mkdir()
+    for film in sorted((out / "phantoms" / "chest_xray" / "test" / "PNEUMONIA").iterdir())[:3]:
+        (films / film.name).write_bytes(film.read_bytes())
+    explained = tmp_path / "explained"
+    args = ["--model", "models:/cycle-classifier@best", str(films), "--out", str(explained)]
+    proc = run_job("explain.py", args, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((explained / "overlays").glob("*.png"))) == 3
+    assert "3 explained, 0 skipped" in proc.stderr
 
 
 def bar_values_by_run(driver) -> dict[str, str]:
@@ -290,7 +336,9 @@ def test_a_job_killed_anywhere_or_cut_off_from_mlflow_resumes_to_the_uninterrupt
         return said
 
     try:
-        killed_at("train:step@7", common + ["--run-name", "killed"])
+        _held_in_training_with_its_curve_in_mlflow(
+            JOB + common + ["--run-name", "killed"], elsewhere, run_dir, uri, tmp_path
+        )
         said = killed_at("evaluate", resume)
         assert "resuming after epoch 1 from the local checkpoint" in said
         killed_at("shards:part@2", resume)
@@ -345,6 +393,44 @@ def test_a_job_killed_anywhere_or_cut_off_from_mlflow_resumes_to_the_uninterrupt
         _damaged_files_are_redone(run_dir, resume, elsewhere, reference)
     finally:
         stop(server)
+
+
+def _held_in_training_with_its_curve_in_mlflow(
+    command: list[str], cwd: Path, run_dir: Path, uri: str, tmp_path: Path
+) -> None:
+    """Held at the baseline's 7th step (epoch 2), the job's (cycle 0, tinyvgg) run is already in
+    MLflow with epoch 1's metrics (live curves), read while the stage is still training; then the
+    job is killed there (the chain's first interruption: mid-epoch)."""
+    import mlflow
+
+    held = tmp_path / "held-at-step-7"
+    env = {**os.environ, "CYCLE_HOLD_AT": "train:step@7", "CYCLE_HOLD_FILE": str(held)}
+    with open(tmp_path / "held-job.log", "w") as said:
+        job = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=said, stderr=said, start_new_session=True
+        )
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        deadline, curve = time.time() + 300, []
+        while not curve:
+            assert job.poll() is None, (tmp_path / "held-job.log").read_text()[-3000:]
+            assert time.time() < deadline, "no epoch metric reached MLflow during training"
+            time.sleep(0.5)
+            experiment = client.get_experiment_by_name("cycle-smoke")
+            runs = experiment and client.search_runs(
+                [experiment.experiment_id], "tags.cycle = '0' and tags.arch = 'tinyvgg'"
+            )
+            if runs:
+                curve = client.get_metric_history(runs[0].info.run_id, "val_accuracy")
+        assert not (run_dir / "cycle_0" / "tinyvgg" / "train" / "DONE").exists()
+        assert [point.step for point in curve] == [1] and runs[0].info.status == "RUNNING"
+        deadline = time.time() + 300
+        while not held.is_file():  # then killed mid-epoch 2, as before
+            assert job.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
 
 
 def _damaged_files_are_redone(run_dir: Path, resume: list[str], cwd: Path, reference: dict):

@@ -10,9 +10,11 @@ from pathlib import Path
 from cycle import faults
 from cycle.config import Config
 from cycle.data.shards import MANIFEST
+from cycle.evaluate import EVAL_SPLITS
 from cycle.io import atomic_write_json
 from cycle.layout import (
     BEST,
+    CAM_GRID,
     CURVES,
     HISTORY,
     METRICS,
@@ -20,14 +22,16 @@ from cycle.layout import (
     RECORDS,
     REGISTERED,
     REPORT,
+    ROC_PR,
     SAVED_CONFIG,
     RunLayout,
+    predictions,
     stage_config,
 )
 from cycle.mlflow_ui import compare_url
-from cycle.report import cycle_pictures, job_note
+from cycle.report import cycle_pictures, job_note, predictions_table
 from cycle.store import tracking_uri
-from cycle.tracking.tracker import SavedRun, Tracker
+from cycle.tracking.tracker import OpenRun, SavedRun, Tracker
 
 
 def cycle_job_run(cfg: Config, run_name: str) -> SavedRun:
@@ -47,21 +51,11 @@ def child_run_name(k: int, arch: str) -> str:
     return f"cycle {k} · {arch}"
 
 
-def track_cycle(
-    job: Tracker,
-    cfg: Config,
-    layout: RunLayout,
-    k: int,
-    arch: str,
-    metrics: dict,
-    shards: Path | None,
-) -> None:
-    """One evaluated (cycle, arch) -> a run nested in the job's run: the stage's config, per-epoch
-    curves, metrics, pictures, the shard manifest. A child run cut off half-way is reopened and
-    completed, never left beside a second one; one logged in full before an interruption is left
-    as it is. Written from the driver's thread only."""
-    train_dir = layout.train(k, arch)
-    child = SavedRun(
+def child_run(job: Tracker, cfg: Config, layout: RunLayout, k: int, arch: str) -> SavedRun:
+    """The (cycle, arch) run nested in the job's run, kept in the evaluate stage's
+    mlflow_run.json: created when its training starts (`LiveCurves`), completed once the stage is
+    evaluated (`track_cycle`), reopened by a resumed job, never made twice."""
+    return SavedRun(
         cfg,
         layout.evaluate(k, arch) / MLFLOW_RUN,
         child_run_name(k, arch),
@@ -71,16 +65,92 @@ def track_cycle(
         nested=True,
         tags={"cycle": str(k), "arch": arch, "job_run": layout.name},
     )
+
+
+class LiveCurves:
+    """The (cycle, arch) runs of a training stage while it trains: each is created before its
+    training starts, and every `follow()` logs the epochs that history.json (written by the
+    training's rank 0 after each epoch) shows since the last call, so the UI's charts move
+    during training. The count of epochs logged is kept in the run's record: a resumed job logs
+    each epoch once. Driver thread only (one writer for SQLite stores)."""
+
+    def __init__(self, job: Tracker, cfg: Config, layout: RunLayout, k: int, archs: list[str]):
+        self.layout, self.k = layout, k
+        self.runs: dict[str, tuple[SavedRun, OpenRun]] = {}
+        if not job.active:
+            return
+        for arch in archs:
+            saved = child_run(job, cfg, layout, k, arch)
+            if saved.complete:
+                continue
+            if saved.previous.get("run_id"):
+                live = OpenRun(job, saved.previous["run_id"])
+            else:
+                live = OpenRun.create(job, saved.run_name, saved.tags, saved.config)
+                if live is None:
+                    return  # the server is gone: the job goes on, --resume logs the rest
+                saved.previous = {"run_id": live.run_id, **saved.belongs, "epochs": 0}
+                saved.record.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(saved.record, {**saved.previous, "complete": False})
+            self.runs[arch] = (saved, live)
+
+    def follow(self) -> None:
+        for arch, (saved, live) in self.runs.items():
+            history = self.layout.train(self.k, arch) / HISTORY
+            logged = saved.previous.get("epochs", 0)
+            rows = _epochs_after(history, logged) if history.is_file() else []
+            if rows and live.log_steps(rows):
+                saved.previous["epochs"] = rows[-1][0]
+                atomic_write_json(saved.record, {**saved.previous, "complete": False})
+
+
+def _epochs_after(history: Path, logged: int) -> list[tuple[int, dict]]:
+    """(epoch, metrics) of history.json's rows after epoch `logged`."""
+    try:
+        rows = json.loads(history.read_text())
+    except (OSError, ValueError):  # replaced under us: read it next time
+        return []
+    return [
+        (row["epoch"], {key: v for key, v in row.items() if key != "epoch"})
+        for row in rows
+        if row["epoch"] > logged
+    ]
+
+
+def track_cycle(
+    job: Tracker,
+    cfg: Config,
+    layout: RunLayout,
+    k: int,
+    arch: str,
+    metrics: dict,
+    shards: Path | None,
+) -> None:
+    """One evaluated (cycle, arch) -> its run nested in the job's run: the epochs not logged live,
+    metrics, pictures, the shard manifest, the weights. A child run cut off half-way is reopened
+    and completed, never left beside a second one; one logged in full before an interruption is
+    left as it is. Written from the driver's thread only."""
+    train_dir = layout.train(k, arch)
+    child = child_run(job, cfg, layout, k, arch)
     if child.complete:
         return  # logged before the interruption
+    logged = child.previous.get("epochs", 0)
     with child:
-        for row in json.loads((train_dir / HISTORY).read_text()):
-            child.log_metrics(
-                {key: v for key, v in row.items() if key != "epoch"}, step=row["epoch"]
-            )
+        rows = _epochs_after(train_dir / HISTORY, logged)
+        for epoch, row in rows:
+            child.log_metrics(row, step=epoch)
+        if child.active:  # the count survives a kill between here and the end
+            child.save(complete=False, epochs=rows[-1][0] if rows else logged)
         child.log_metrics(metrics)
         for picture in cycle_pictures(layout, k, arch):
             child.log_artifact(picture, "pictures")
+        # Steps are cycles: the image view shows cycle 0 and cycle k of an arch side by side.
+        for key, picture in (("cam_grid", CAM_GRID), ("roc_pr", ROC_PR)):
+            child.log_image(layout.evaluate(k, arch) / picture, key=key, step=k)
+        for split in EVAL_SPLITS:
+            table = predictions_table(train_dir / predictions(split))
+            if table is not None:
+                child.log_table(table, f"predictions/{split}.json")
         if shards is not None:
             child.log_artifact(shards / MANIFEST, "shards")
         faults.reached("track")

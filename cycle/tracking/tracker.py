@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cycle import faults
 from cycle.checkpoint import load_classifier
@@ -24,6 +26,7 @@ from cycle.console import log
 from cycle.data.shards import file_sha256
 from cycle.io import atomic_write_json
 from cycle.mlflow_ui import runs_url
+from cycle.model_refs import CHECKPOINT_FILE
 from cycle.store import artifact_root, server_problem, tracking_store, tracking_uri
 
 # Without it MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage); with it,
@@ -145,8 +148,7 @@ class Tracker:
         return self.run is not None and not Tracker.lost
 
     def log_config(self, cfg: Config | None = None) -> None:
-        dump = (cfg or self.cfg).model_dump(mode="json")
-        self.log_params({k: ("null" if v is None else str(v)) for k, v in flatten(dump).items()})
+        self.log_params(config_params(cfg or self.cfg))
 
     def log_params(self, params: Mapping[str, str]) -> None:
         if not self.active:
@@ -165,11 +167,7 @@ class Tracker:
             return
         import mlflow
 
-        clean = {
-            k: float(v)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not math.isnan(v)
-        }
+        clean = numbers(metrics)
         if clean:
             self._guard("log metrics", lambda: mlflow.log_metrics(clean, step=step))
 
@@ -180,6 +178,26 @@ class Tracker:
             self._guard(
                 "log an artifact",
                 lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path),
+            )
+
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        """A PNG as an MLflow image under `key` at `step`: the UI's image view lines up the steps
+        (here: the cycles) of one run side by side."""
+        if self.active and Path(path).is_file():
+            import cv2
+            import mlflow
+
+            rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+            self._guard("log an image", lambda: mlflow.log_image(rgb, key=key, step=step))
+
+    def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
+        """Columns of equal length as an MLflow table (JSON the UI shows as a table)."""
+        if self.active:
+            import mlflow
+
+            self._guard(
+                "log a table",
+                lambda: mlflow.log_table(data=dict(columns), artifact_file=artifact_file),
             )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -258,17 +276,98 @@ class Tracker:
             return []
 
 
+def config_params(cfg: Config) -> dict[str, str]:
+    """A config as MLflow params: dotted keys, values as text (None as "null")."""
+    dump = cfg.model_dump(mode="json")
+    return {k: ("null" if v is None else str(v)) for k, v in flatten(dump).items()}
+
+
+def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The loggable part of a metrics dict: numbers that are not NaN (text left out)."""
+    return {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)
+    }
+
+
+class OpenRun:
+    """A run of the job's experiment written through MLflow's client, not the active-run stack: a
+    job can feed several at once (the architectures that train side by side) while its own run
+    stays the active one. Calls go through `job`'s guard, so an outage switches them off too."""
+
+    def __init__(self, job: Tracker, run_id: str):
+        import mlflow
+
+        self.job, self.run_id = job, run_id
+        self.client = mlflow.MlflowClient()
+
+    @classmethod
+    def create(
+        cls, job: Tracker, run_name: str, tags: Mapping[str, str], config: Config
+    ) -> OpenRun | None:
+        """A new run nested in `job`'s run, RUNNING, with `config` as its params."""
+        import mlflow
+        from mlflow.entities import Param
+
+        client = mlflow.MlflowClient()
+        nested = {**tags, "mlflow.parentRunId": job.run_id}
+
+        def create() -> str:
+            run = client.create_run(job.run.info.experiment_id, run_name=run_name, tags=nested)
+            items = sorted(config_params(config).items())
+            for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
+                chunk = items[start : start + 100]
+                client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in chunk])
+            return run.info.run_id
+
+        run_id = job._guard("start a run", create)
+        return None if run_id is None else cls(job, run_id)
+
+    def log_steps(self, rows: list[tuple[int, Mapping[str, Any]]]) -> bool:
+        """Metrics at steps, in one call; True when they were logged."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, value, now, step)
+            for step, row in rows
+            for key, value in numbers(row).items()
+        ]
+        if not batch or not self.job.active:
+            return not batch
+        return (
+            self.job._guard(
+                "log metrics", lambda: self.client.log_batch(self.run_id, metrics=batch) or True
+            )
+            is True
+        )
+
+
 def _log_checkpoint(checkpoint: str | Path, name: str):
-    """Log a classifier checkpoint as an MLflow 3 PyTorch model (an exported graph). The input
-    example holds two films: torch.export keeps a batch of one as a fixed size, so the loaded
-    model would take one film at a time."""
+    """Log a classifier checkpoint as an MLflow 3 PyTorch model: an exported graph for
+    `mlflow.pytorch.load_model` (its input example holds two films: torch.export keeps a batch of
+    one as a fixed size), with the checkpoint itself inside (what `load_classifier("models:/...")`
+    and the jobs' `--model` read: architecture, input geometry, weights) and that geometry as the
+    model's metadata, so the UI shows it."""
+    import tempfile
+
     import mlflow.pytorch
 
     model, pre = load_classifier(checkpoint)
     example = np.zeros((2, 1, pre.size, pre.size), np.float32)
-    return mlflow.pytorch.log_model(
-        model.eval(), name=name, input_example=example, pip_requirements=model_requirements()
-    )
+    meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
+    with tempfile.TemporaryDirectory() as folder:
+        inside = Path(folder) / CHECKPOINT_FILE
+        shutil.copyfile(checkpoint, inside)
+        return mlflow.pytorch.log_model(
+            model.eval(),
+            name=name,
+            input_example=example,
+            pip_requirements=model_requirements(),
+            extra_files=[str(inside)],
+            metadata={**meta, "cam_layer": "features", "cam_method": model.cam_method},
+        )
 
 
 class SavedRun(Tracker):
