@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -15,3 +16,13 @@ def say(message: str) -> None:
     into a logger that, beside Ray's own stdout capture, shows every line twice in the log."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def quiet_libraries() -> None:
+    """Keep MLflow's INFO lines (database migrations, each run's address), its download bars and
+    Ray Data's progress block (every few seconds per dataset in a log) out of a job's output: the
+    job says what it does itself. Set before MLflow and Ray Data are imported; a job's
+    `--verbose` skips it."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

@@ -22,6 +22,7 @@ import _common
 # Only what the cheap checks need: a mistake in the config, the paths or the tracking server ends
 # the job in about a second, before torch, Ray and MLflow load (in run()).
 from cycle.config import Config
+from cycle.console import quiet_libraries
 from cycle.io import LockHeld
 from cycle.preflight import input_problem
 from cycle.run_config import RunConfigMismatch, check_run_config, claim_run, saved_config
@@ -42,7 +43,12 @@ def main() -> None:
         "--run-name", metavar="RUN", help="name of a new run (default: cycle-<time>)"
     )
     _common.inprocess_shards_argument(parser)
+    parser.add_argument(
+        "--verbose", action="store_true", help="also MLflow's and Ray Data's own progress lines"
+    )
     args = parser.parse_args()
+    if not args.verbose:
+        quiet_libraries()
     cfg = _common.config_from(args)
     run_name = args.resume or args.run_name or cfg.run_name or time.strftime("cycle-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / run_name

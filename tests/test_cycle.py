@@ -31,6 +31,9 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run, tmp_path):
     # Where the time went, said at the end and kept beside the run.
     assert "where the time went" in proc.stdout, proc.stdout[-3000:]
     assert "| train | 0 | tinyvgg |" in proc.stdout and "| shards | 1 | tinyvgg |" in proc.stdout
+    # ... and none of MLflow's or Ray Data's own chatter (that takes --verbose).
+    said = proc.stdout + proc.stderr
+    assert "Creating initial MLflow database tables" not in said and "Total Progress" not in said
     stages = {row["stage"] for row in json.loads((run_dir / "timings.json").read_text())}
     assert stages >= {"prepare", "shards", "train", "evaluate", "track", "report"}
     for k in (0, 1):
