@@ -250,15 +250,27 @@ def best_config(base: Config, row: dict) -> Config:
 # The driver
 
 
-def run_sweep(cfg: Config, space: Mapping[str, Any], name: str, resume: bool = False, log=print):
+def sweep_folder(cfg: Config, name: str) -> Path:
+    return (Path(cfg.output_dir) / "sweeps" / name).resolve()
+
+
+def run_sweep(
+    cfg: Config,
+    space: Mapping[str, Any],
+    name: str,
+    resume: bool = False,
+    log=print,
+    callbacks: list | None = None,
+):
     """Prepare the shared inputs once, then run (or resume) the Tune experiment; returns
-    (rows sorted best first, the sweep's folder)."""
+    (rows sorted best first, the sweep's folder). `callbacks`: Tune callbacks of a new sweep (a
+    resumed one keeps those it was started with)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     check_objective(cfg)
     validate_space(space, cfg)
-    sweep_dir = (Path(cfg.output_dir) / "sweeps" / name).resolve()
+    sweep_dir = sweep_folder(cfg, name)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / "space.yaml", yaml.safe_dump(dict(space), sort_keys=False))
     init_ray(cfg)
@@ -304,7 +316,9 @@ def run_sweep(cfg: Config, space: Mapping[str, Any], name: str, resume: bool = F
                 num_samples=cfg.sweep.num_samples,
                 max_concurrent_trials=concurrency(cfg),
             ),
-            run_config=tune.RunConfig(name=f"sweep-{name}", storage_path=storage, verbose=1),
+            run_config=tune.RunConfig(
+                name=f"sweep-{name}", storage_path=storage, verbose=1, callbacks=callbacks
+            ),
         )
     results = tuner.fit()
     return trial_rows(results, space, max_t), sweep_dir

@@ -29,10 +29,11 @@ from cycle.sweep import (
     check_objective,
     read_space,
     run_sweep,
+    sweep_folder,
     trial_model,
     validate_space,
 )
-from cycle.tracking.studies import track_sweep
+from cycle.tracking.studies import LiveTrials, sweep_run, track_sweep
 
 
 def main() -> None:
@@ -72,19 +73,29 @@ def main() -> None:
         sys.exit(f"error: {problem}")
 
     started = time.perf_counter()
-    try:
-        rows, sweep_dir = run_sweep(cfg, space, name, resume=bool(args.resume), log=log)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    if not rows or all(np.isnan(r["objective"]) for r in rows):
-        sys.exit(f"error: no trial reported an objective; see {sweep_dir}")
-    best = rows[0]
-    written = write_sweep_report(
-        cfg, name, rows, space, sweep_dir, best_config(cfg, best), best_overrides(best)
-    )
-    registered = track_sweep(
-        cfg, name, rows, sweep_dir, written.files, trial_model(sweep_dir, best)
-    )
+    sweep_dir = sweep_folder(cfg, name)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    # The sweep's MLflow run first: the trials' runs nest in it and get results as they come.
+    with sweep_run(cfg, name, sweep_dir) as parent:
+        LiveTrials.sweep_run = parent
+        try:
+            rows, sweep_dir = run_sweep(
+                cfg,
+                space,
+                name,
+                resume=bool(args.resume),
+                log=log,
+                callbacks=[LiveTrials(list(space), name)],
+            )
+        except ConfigError as err:
+            sys.exit(f"error: {err}")
+        if not rows or all(np.isnan(r["objective"]) for r in rows):
+            sys.exit(f"error: no trial reported an objective; see {sweep_dir}")
+        best = rows[0]
+        written = write_sweep_report(
+            cfg, name, rows, space, sweep_dir, best_config(cfg, best), best_overrides(best)
+        )
+        registered = track_sweep(parent, cfg, rows, written.files, trial_model(sweep_dir, best))
     stopped = sum(r["status"] == "stopped early" for r in rows)
     print("\n" + written.table)
     print(

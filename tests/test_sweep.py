@@ -65,6 +65,7 @@ def sweep_run(tmp_path_factory, smoke_assets):
     try:
         while time.time() < deadline and proc.poll() is None and not _finished_trials(out, "smoke"):
             time.sleep(0.5)
+        live = _trial_runs_with_results(out, proc, deadline)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait()
@@ -73,12 +74,34 @@ def sweep_run(tmp_path_factory, smoke_assets):
         JOB + args + ["--resume", "smoke"], capture_output=True, text=True, timeout=900, cwd=out
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-    return out, before, _finished_trials(out, "smoke"), resumed
+    return out, before, _finished_trials(out, "smoke"), resumed, live
+
+
+def _trial_runs_with_results(out: Path, proc: subprocess.Popen, deadline: float) -> dict:
+    """While the sweep still runs: trial run name -> the steps of its `objective` in MLflow."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    while time.time() < deadline and proc.poll() is None:
+        experiment = client.get_experiment_by_name("cycle-smoke")
+        runs = experiment and client.search_runs([experiment.experiment_id], "tags.sweep = 'smoke'")
+        live = {
+            run.info.run_name: [
+                m.step for m in client.get_metric_history(run.info.run_id, "objective")
+            ]
+            for run in runs or []
+        }
+        if any(live.values()):
+            return live
+        time.sleep(0.5)
+    return {}
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_run):
-    out, before, after, resumed = sweep_run
+    out, before, after, resumed, live = sweep_run
     assert before, "no trial finished before the kill"
+    # Before the kill, while the sweep ran, trial runs already held their reported results.
+    assert any(steps and steps[0] == 0 for steps in live.values()), live
     assert "resuming" in resumed.stderr
     assert {k: after[k] for k in before} == before  # finished trials were not run again
     trials = json.loads((out / "sweeps" / "smoke" / "trials.json").read_text())
@@ -88,7 +111,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(sweep_run):
 def test_smoke_sweep_runs_trials_stops_some_early_and_tracks_them(sweep_run):
     import mlflow
 
-    out, _, _, proc = sweep_run
+    out, _, _, proc, _ = sweep_run
     sweep_dir = out / "sweeps" / "smoke"
     trials = json.loads((sweep_dir / "trials.json").read_text())
     assert len(trials) == 4 and not [t for t in trials if t["status"] == "error"]
@@ -115,6 +138,10 @@ def test_smoke_sweep_runs_trials_stops_some_early_and_tracks_them(sweep_run):
     for child in children:
         assert {"train.epochs", "enhance.strength"} <= set(child.data.params)
         assert "objective" in child.data.metrics and "val_accuracy" in child.data.metrics
+        # Each report once, live or after the resume, and every run finished.
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "objective")]
+        assert steps == list(range(len(steps))) and steps, steps
+        assert child.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert {
         "sweep/summary.md",

@@ -302,9 +302,14 @@ class OpenRun:
 
     @classmethod
     def create(
-        cls, job: Tracker, run_name: str, tags: Mapping[str, str], config: Config
+        cls,
+        job: Tracker,
+        run_name: str,
+        tags: Mapping[str, str],
+        config: Config | None = None,
+        params: Mapping[str, str] | None = None,
     ) -> OpenRun | None:
-        """A new run nested in `job`'s run, RUNNING, with `config` as its params."""
+        """A new run nested in `job`'s run, RUNNING, with `config` (or `params`) as its params."""
         import mlflow
         from mlflow.entities import Param
 
@@ -313,7 +318,7 @@ class OpenRun:
 
         def create() -> str:
             run = client.create_run(job.run.info.experiment_id, run_name=run_name, tags=nested)
-            items = sorted(config_params(config).items())
+            items = sorted((config_params(config) if config else dict(params or {})).items())
             for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
                 chunk = items[start : start + 100]
                 client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in chunk])
@@ -321,6 +326,17 @@ class OpenRun:
 
         run_id = job._guard("start a run", create)
         return None if run_id is None else cls(job, run_id)
+
+    def finish(self, tags: Mapping[str, str]) -> None:
+        """Set `tags` and mark the run FINISHED."""
+
+        def finish() -> None:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+        if self.job.active:
+            self.job._guard("finish a run", finish)
 
     def log_steps(self, rows: list[tuple[int, Mapping[str, Any]]]) -> bool:
         """Metrics at steps, in one call; True when they were logged."""
@@ -409,7 +425,10 @@ class SavedRun(Tracker):
     def __enter__(self) -> SavedRun:
         super().__enter__()
         if self.run is not None:
-            self.save(**({"complete": False} if self.completes else {}))
+            kept = {
+                k: v for k, v in self.previous.items() if k != "run_id" and k not in self.belongs
+            }
+            self.save(**{**kept, **({"complete": False} if self.completes else {})})
             if not self.previous:
                 self.log_config(self.config)
         return self
