@@ -40,12 +40,18 @@ def local_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> Iterat
     store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
     folder = Path(tempfile.mkdtemp(prefix="cycle-model-"))
     try:
+        # Both the runs and the registry of `store`: download_artifacts' own tracking_uri leaves
+        # a models:/ name to the process's registry (by default ./mlflow.db).
+        before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
         try:
-            got = mlflow.artifacts.download_artifacts(
-                artifact_uri=str(ref), dst_path=str(folder), tracking_uri=store
-            )
+            got = mlflow.artifacts.download_artifacts(artifact_uri=str(ref), dst_path=str(folder))
         except mlflow.exceptions.MlflowException as err:
             raise FileNotFoundError(f"{ref} not found in {store}: {err.message}") from err
+        finally:
+            mlflow.set_tracking_uri(before[0])
+            mlflow.set_registry_uri(before[1])
         found = sorted(Path(got).rglob(CHECKPOINT_PATH))
         if not found:
             raise ValueError(

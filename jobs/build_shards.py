@@ -18,6 +18,8 @@ import _common
 
 from cycle.data.prepare import prepare_records
 from cycle.data.records import DataError, records_of
+from cycle.data.shards import MANIFEST
+from cycle.layout import SAMPLES
 from cycle.model_refs import checkpoint_into, ref_name
 from cycle.ray_session import init_ray
 from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
@@ -79,15 +81,15 @@ def main() -> None:
         num_actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
     )
-    samples = out / "samples.png"
-    if not samples.is_file() or samples.stat().st_mtime < (out / "manifest.json").stat().st_mtime:
+    samples = out / SAMPLES
+    if not samples.is_file() or samples.stat().st_mtime < (out / MANIFEST).stat().st_mtime:
         worker = EnhanceWorker.from_config(args.model, args.lung_model, cfg)
         sample_picture(cfg, train, worker, samples)
     with Tracker(cfg, run_name=f"shards-{out.name}", tags={"stage": "shards"}) as tracker:
         tracker.log_config()
         counts = manifest["counts"]
         tracker.log_metrics({f"shards_{k}": v for k, v in counts.items() if isinstance(v, int)})
-        tracker.log_artifact(out / "manifest.json")
+        tracker.log_artifact(out / MANIFEST)
         tracker.log_artifact(samples)
     print(
         f"in {counts['in']}, written {counts['written']}, skipped {counts['skipped']}, "

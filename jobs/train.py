@@ -16,6 +16,7 @@ import _common
 
 from cycle.data.prepare import prepare_records
 from cycle.data.records import DataError
+from cycle.layout import RECORDS
 from cycle.metrics import format_table
 from cycle.models import PretrainedWeightsError
 from cycle.ray_session import init_ray
@@ -45,7 +46,7 @@ def main() -> None:
         sys.exit(f"error: {err}")
     if scan.skipped:
         print(f"note: skipped {len(scan.skipped)} unusable file(s); see {run_dir / 'records.json'}")
-    records_path = scan.save(run_dir / "records.json")
+    records_path = scan.save(run_dir / RECORDS)
 
     if cfg.resources.num_workers > 0:  # in-process training (num_workers=0) needs no Ray
         init_ray(cfg)
