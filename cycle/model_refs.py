@@ -40,18 +40,12 @@ def local_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> Iterat
     store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
     folder = Path(tempfile.mkdtemp(prefix="cycle-model-"))
     try:
-        # Both the runs and the registry of `store`: download_artifacts' own tracking_uri leaves
-        # a models:/ name to the process's registry (by default ./mlflow.db).
-        before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-        mlflow.set_tracking_uri(store)
-        mlflow.set_registry_uri(store)
         try:
-            got = mlflow.artifacts.download_artifacts(artifact_uri=str(ref), dst_path=str(folder))
+            got = mlflow.artifacts.download_artifacts(
+                artifact_uri=_artifact_uri(str(ref), store), dst_path=str(folder), tracking_uri=store
+            )
         except mlflow.exceptions.MlflowException as err:
             raise FileNotFoundError(f"{ref} not found in {store}: {err.message}") from err
-        finally:
-            mlflow.set_tracking_uri(before[0])
-            mlflow.set_registry_uri(before[1])
         found = sorted(Path(got).rglob(CHECKPOINT_PATH))
         if not found:
             raise ValueError(
@@ -61,6 +55,28 @@ def local_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> Iterat
         yield found[0]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _artifact_uri(ref: str, store: str) -> str:
+    """A registry name (`models:/name@alias`, `models:/name/3`) resolved to its version's source
+    in `store`'s own registry, through a client of its own: the process's registry URI (by
+    default ./mlflow.db, or whatever an earlier call set) is never read nor changed. Other URIs
+    (`runs:/`, MLflow 3's `models:/m-<id>`) are the tracking store's and pass as they are."""
+    import mlflow
+
+    if not ref.startswith("models:/"):
+        return ref
+    name = ref[len("models:/") :].strip("/")
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    if "@" in name:
+        model, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(model, alias)
+    elif "/" in name:
+        model, number = name.rsplit("/", 1)
+        version = client.get_model_version(model, number)
+    else:
+        return ref  # a logged model's id (models:/m-...): the tracking store resolves it
+    return version.source
 
 
 def ref_name(ref: str | Path) -> str:

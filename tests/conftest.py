@@ -127,6 +127,7 @@ def no_mlflow_state_between_tests():
         while mlflow.active_run() is not None:
             mlflow.end_run()
         mlflow.set_tracking_uri(None)  # MLflow's own default again, the variable unset
+        mlflow.set_registry_uri(None)  # the registry follows the tracking URI again
         mlflow.tracking.fluent._active_experiment_id = None
     temp_dir = os.environ.get("RAY_TMPDIR")  # own_ray_temp_dir's, put back by monkeypatch
     _suite_environment()

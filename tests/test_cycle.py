@@ -135,7 +135,7 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_every_cycle_s_weights_load_back_from_mlflow(smoke_run):
+def test_every_cycle_s_weights_load_back_from_mlflow(smoke_run, tmp_path):
     """Not only the registered winner: cycle 0's weights (not registered) load back from its own
     MLflow run, for any batch size, and give the checkpoint's logits."""
     import mlflow
@@ -164,13 +164,22 @@ def test_every_cycle_s_weights_load_back_from_mlflow(smoke_run):
     # By name, with nothing else at hand: the architecture, geometry and weights come with the
     # logged model (the run's model URI, and the registry's alias and version).
     by_run, _ = load_classifier(f"runs:/{loser.info.run_id}/model", tracking_uri=f"sqlite:///{db}")
+    # Looked up in the given store's own registry, and the process's MLflow URIs left as they
+    # were: a registry URI changed here once sent later tests' clients to this store.
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    mlflow.set_registry_uri(elsewhere)
     by_alias, pre_by_alias = load_classifier(
         "models:/cycle-classifier@best", tracking_uri=f"sqlite:///{db}"
     )
+    by_version, _ = load_classifier(
+        f"models:/cycle-classifier/{winner.version}", tracking_uri=f"sqlite:///{db}"
+    )
+    assert (mlflow.get_registry_uri(), mlflow.get_tracking_uri()) == (elsewhere, f"sqlite:///{db}")
     best, _ = load_classifier(out / "smoke" / "cycle_1" / "tinyvgg" / "train" / "best.pt")
     with torch.no_grad():
         torch.testing.assert_close(by_run(films), model(films), rtol=0, atol=0)
         torch.testing.assert_close(by_alias(films), best(films), rtol=0, atol=0)
+        torch.testing.assert_close(by_version(films), best(films), rtol=0, atol=0)
     assert pre_by_alias == pre
     with pytest.raises(FileNotFoundError, match="cycle-classifier@nope"):
         load_classifier("models:/cycle-classifier@nope", tracking_uri=f"sqlite:///{db}")
