@@ -42,7 +42,9 @@ def local_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> Iterat
     try:
         try:
             got = mlflow.artifacts.download_artifacts(
-                artifact_uri=_artifact_uri(str(ref), store), dst_path=str(folder), tracking_uri=store
+                artifact_uri=_artifact_uri(str(ref), store),
+                dst_path=str(folder),
+                tracking_uri=store,
             )
         except mlflow.exceptions.MlflowException as err:
             raise FileNotFoundError(f"{ref} not found in {store}: {err.message}") from err
