@@ -108,7 +108,6 @@ def train_step(root: Path, data: Path, size: int, amp: bool, epochs: int) -> dic
             f"train.epochs={epochs}",
             "train.batch_size=64",
             f"train.amp={str(amp).lower()}",
-            "data.loader_workers=4",
             "resources.num_workers=0",
         ],
     )

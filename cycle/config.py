@@ -62,8 +62,20 @@ class DataConfig(Section):
     std: float = Field(0.226, gt=0.0)
     max_image_pixels: int = Field(60_000_000, ge=1)
     max_zip_bytes: int = Field(32 * 2**30, ge=1)
-    cache_images: bool = True  # keep resized images in memory: every epoch after the first is free
-    loader_workers: int = Field(0, ge=0)
+    # Films a training worker's shuffle buffer holds: what a worker keeps of the data set in memory,
+    # whatever its size (films stream from Ray Data, or from disk in-process).
+    shuffle_buffer: int = Field(512, ge=1)
+    # Decoded films a process keeps between passes (MB, all sets together): a set that fits is
+    # read once, a larger one streams on every pass. 0: always stream.
+    cache_mb: float = Field(256.0, ge=0.0)
+    # Where films are decoded: "worker" (Ray Data streams each set's rows, names and paths, split
+    # across the Ray Train workers, and each worker reads and decodes its rows in threads beside
+    # training) or "ray_data" (Ray Data tasks on the cluster's nodes decode them and stream the
+    # pixels: for GPU workers whose own CPUs cannot keep up). The same rows in the same order.
+    decode: Literal["worker", "ray_data"] = "worker"
+    # Ray Data tasks that read and decode one set for a training worker at once (decode=ray_data):
+    # more on a cluster whose GPUs wait for films, few on a laptop where each is a process to start.
+    ingest_tasks: int = Field(2, ge=1)
 
 
 class ModelConfig(Section):

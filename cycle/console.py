@@ -20,9 +20,10 @@ def say(message: str) -> None:
 
 def quiet_libraries() -> None:
     """Keep MLflow's INFO lines (database migrations, each run's address), its download bars and
-    Ray Data's progress block (every few seconds per dataset in a log) out of a job's output: the
-    job says what it does itself. Set before MLflow and Ray Data are imported; a job's
-    `--verbose` skips it."""
+    Ray Data's progress block and INFO lines (every dataset a training worker reads, each epoch)
+    out of a job's output: the job says what it does itself. Set before MLflow and Ray Data are
+    imported, and inherited by a local Ray's workers; a job's `--verbose` skips it."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")

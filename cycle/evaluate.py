@@ -12,25 +12,26 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cycle.cam import compute_cam
 from cycle.checkpoint import load_classifier
 from cycle.config import Config
-from cycle.data.dataset import ImageDataset
+from cycle.data.films import FilmStreams, in_order_rows, to_tensors
 from cycle.data.phantom import load_mask
 from cycle.data.records import Record
 from cycle.data.transforms import load_grayscale
 from cycle.io import atomic_write, atomic_write_json, atomic_write_text
-from cycle.layout import METRICS, predictions
+from cycle.layout import METRICS, localization_files, predictions
 from cycle.localization import flat_summary, localization_metrics
 from cycle.lungseg.masks import load_lung_model
 from cycle.lungseg.masks import predict as predict_lungs
@@ -54,57 +55,68 @@ def autocast(cfg: Config, device: torch.device):
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device
+    model: nn.Module, films: FilmStreams, name: str, cfg: Config, device: torch.device
 ) -> dict[str, np.ndarray]:
-    """Per-image P(PNEUMONIA) and loss over a whole split, in record order (no augmentation)."""
+    """Per-film P(PNEUMONIA), loss and label over a whole set, by film index (no augmentation),
+    streamed: blocks of films as they come, never the set at once."""
     was_training = model.training
     model.eval()
-    probs = np.zeros(len(dataset), np.float64)
-    losses = np.zeros(len(dataset), np.float64)
-    plain = DataLoader(
-        dataset,
-        batch_size=max(cfg.train.batch_size, 64),
-        shuffle=False,
-        num_workers=cfg.data.loader_workers,
-    )
-    for images, labels, index in plain:
+    indices, probs, losses, labels = [], [], [], []
+    rows = in_order_rows(films.batches(name))
+    while chunk := [row for _, row in zip(range(max(cfg.train.batch_size, 64)), rows)]:
+        images, y, index = to_tensors(chunk, films.preprocess)
         with autocast(cfg, device):
             logits = model(images.to(device, non_blocking=True)).float()
-        labels = labels.to(device)
-        losses[index.numpy()] = F.cross_entropy(logits, labels, reduction="none").cpu().numpy()
-        probs[index.numpy()] = logits.softmax(dim=1)[:, 1].cpu().numpy()
+        y = y.to(device)
+        losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
+        probs.append(logits.softmax(dim=1)[:, 1].cpu().numpy())
+        labels.append(y.cpu().numpy())
+        indices.extend(index)
     model.train(was_training)
-    return {"probs": probs, "losses": losses, "labels": dataset.labels}
+    index = np.asarray(indices, np.int64)
+    order = np.argsort(index, kind="stable")
+
+    def joined(parts: list, dtype) -> np.ndarray:
+        return (np.concatenate(parts) if parts else np.zeros(0)).astype(dtype)[order]
+
+    return {
+        "index": index[order],
+        "probs": joined(probs, np.float64),
+        "losses": joined(losses, np.float64),
+        "labels": joined(labels, np.int64),
+    }
 
 
 def split_metrics(
-    model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device
+    model: nn.Module, films: FilmStreams, name: str, cfg: Config, device: torch.device
 ) -> dict[str, float]:
-    out = predict(model, dataset, cfg, device)
+    out = predict(model, films, name, cfg, device)
     return classification_metrics(out["labels"], out["probs"], out["losses"])
 
 
 def evaluate_splits(
     model: nn.Module,
-    datasets: dict[str, ImageDataset],
+    films: FilmStreams,
     cfg: Config,
     device: torch.device,
     run_dir: Path,
     **flat_extra,
 ) -> tuple[dict, dict]:
-    """Every evaluation split present in `datasets`: run_dir/metrics.json ({"flat", "splits"})
+    """Every evaluation split present in `films`: run_dir/metrics.json ({"flat", "splits"})
     and predictions_<split>.csv. Returns (flat metrics, metrics per split)."""
     results, flat = {}, dict(flat_extra)
     for split in EVAL_SPLITS:
-        if split not in datasets:
+        if split not in films:
             continue
-        out = predict(model, datasets[split], cfg, device)
+        out = predict(model, films, split, cfg, device)
         metrics = classification_metrics(out["labels"], out["probs"], out["losses"])
         metrics["confusion_matrix"] = confusion_matrix(out["labels"], out["probs"] >= 0.5).tolist()
         results[split] = metrics
         flat.update(prefixed(metrics, split))
+        records = films.sets[split].records()
         lines = ["path,label,prob_pneumonia"] + [
-            f"{r.path},{r.label},{p:.6f}" for r, p in zip(datasets[split].records, out["probs"])
+            f"{records[i].path},{records[i].label},{p:.6f}"
+            for i, p in zip(out["index"], out["probs"])
         ]
         atomic_write_text(run_dir / predictions(split), "\n".join(lines) + "\n")
     atomic_write_json(run_dir / METRICS, {"flat": flat, "splits": results})
@@ -121,38 +133,68 @@ def panel_records(records: Sequence[Record], seed: int, n: int = PANEL) -> list[
     return [records[i] for i in sorted(order[:n])]
 
 
-def evaluate_localization(
+@dataclass
+class Localization:
+    """What `localize` measures: the summary (mean and 95% CI of each metric), each film's values
+    in record order (for paired comparisons across cycles and seeds) and the panel's films, CAMs
+    and predictions (for CAM grids and before/after pictures). Arrays and numbers only: a
+    training worker measures it and leaves it beside its weights (`save_as`); the evaluation
+    stage reads it back (`load_from`)."""
+
+    summary: dict[str, float]
+    per_image: dict[str, np.ndarray]
+    panel: dict[str, np.ndarray] | None = None
+
+    def save(self, out_npz: str | Path | None = None, per_image_npz: str | Path | None = None):
+        for path, arrays in ((per_image_npz, self.per_image), (out_npz, self.panel)):
+            if path is not None and arrays is not None:
+                atomic_write(path, lambda tmp, a=arrays: np.savez_compressed(open(tmp, "wb"), **a))
+
+    def save_as(self, folder: Path, split: str) -> list[str]:
+        """Into `folder` under the names `localization_files(split)`; returns the names."""
+        names = localization_files(split)
+        self.save(folder / names[2] if self.panel is not None else None, folder / names[1])
+        atomic_write_json(folder / names[0], self.summary)
+        return [n for n in names if (folder / n).is_file()]
+
+    @classmethod
+    def load_from(cls, folder: Path, split: str) -> Localization:
+        summary, per_image, panel = (folder / n for n in localization_files(split))
+        return cls(
+            json.loads(summary.read_text()),
+            dict(np.load(per_image, allow_pickle=False)),
+            dict(np.load(panel, allow_pickle=False)) if panel.is_file() else None,
+        )
+
+
+def localize(
     classifier_path: str | Path,
     records: Sequence[Record],
     cam_method: str,
     lung_model_path: str | Path | None = None,
     panel: Sequence[Record] = (),
-    out_npz: str | Path | None = None,
     batch_size: int = 32,
     seed: int = 0,
-    per_image_npz: str | Path | None = None,
     cam_depth: int | str = 0,
     probe_dilate_px: int | None = None,
-) -> dict[str, float]:
-    """Mean and CI of each localisation metric over `records`; the panel's films, CAMs and
-    predictions go to `out_npz` (for CAM grids and before/after pictures), each film's values in
-    record order to `per_image_npz` (for paired comparisons across cycles and seeds). With
-    `probe_dilate_px`, also the context-swap probe (cycle.probe) on the same films, with the
-    U-Net's lung masks (phantoms too)."""
-    model, pre = load_classifier(classifier_path)
-    unet = _LazyLungModel(lung_model_path)
+) -> Localization:
+    """Where the classifier's CAM looks on `records` (their truth masks where present, else the
+    U-Net's lungs), on this process's GPU if it has one. With `probe_dilate_px`, also the
+    context-swap probe (cycle.probe) on the same films, with the U-Net's lung masks (phantoms
+    too). The evaluation stage runs it as a Ray task, on the cluster's workers."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, pre = load_classifier(classifier_path, device)
+    unet = _LazyLungModel(lung_model_path, device)
     per_image: dict[str, list[np.ndarray]] = {}
     crops, lung_masks = [], []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         films = [pre.resize(load_grayscale(r.path)) for r in chunk]
         chunk_crops = [pre.crop(f) for f in films]
-        x = torch.stack([pre.normalise(c) for c in chunk_crops])
-        cams = compute_cam(
-            model, x, method=cam_method, depth=cam_depth, batch_size=batch_size
-        ).numpy()
+        x = torch.stack([pre.normalise(c) for c in chunk_crops]).to(device)
+        cams = compute_cam(model, x, method=cam_method, depth=cam_depth, batch_size=batch_size)
         masks = _masks(chunk, films, pre, unet)
-        for name, values in localization_metrics(cams, **masks).items():
+        for name, values in localization_metrics(cams.cpu().numpy(), **masks).items():
             per_image.setdefault(name, []).append(values)
         if probe_dilate_px is not None:
             crops.extend(chunk_crops)
@@ -175,27 +217,68 @@ def evaluate_localization(
                 batch_size=batch_size,
             )
         )
-    summary = flat_summary(values, seed=seed)
-    if per_image_npz is not None:
-        arrays = {**values, "paths": np.array([str(r.path) for r in records])}
-        atomic_write(per_image_npz, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
-    if panel and out_npz is not None:
+    result = Localization(
+        flat_summary(values, seed=seed),
+        {**values, "paths": np.array([str(r.path) for r in records])},
+    )
+    if panel:
         resized = [pre.resize(load_grayscale(r.path)) for r in panel]
         films = np.stack([pre.crop(f) for f in resized])
-        x = torch.stack([pre.normalise(f) for f in films])
+        x = torch.stack([pre.normalise(f) for f in films]).to(device)
         cams, logits = compute_cam(
             model, x, method=cam_method, return_logits=True, depth=cam_depth, batch_size=batch_size
         )
-        lungs = _masks(panel, resized, pre, unet)["lungs"]
-        arrays = {
+        result.panel = {
             "films": films,
-            "cams": cams.numpy(),
-            "probs": logits.softmax(1)[:, 1].numpy(),
+            "cams": cams.cpu().numpy(),
+            "probs": logits.softmax(1)[:, 1].cpu().numpy(),
             "labels": np.array([r.label for r in panel]),
-            "lungs": lungs,
+            "lungs": _masks(panel, resized, pre, unet)["lungs"],
         }
-        atomic_write(out_npz, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
-    return summary
+    return result
+
+
+def localize_splits(
+    classifier_path: str | Path,
+    splits: dict[str, tuple[Sequence[Record], Sequence[Record]]],
+    **common,
+) -> dict[str, Localization]:
+    """`localize` on each split's (records, panel), in one process: one task of the evaluation
+    stage per architecture."""
+    return {
+        name: localize(classifier_path, records, panel=panel, **common)
+        for name, (records, panel) in splits.items()
+    }
+
+
+def evaluate_localization(
+    classifier_path: str | Path,
+    records: Sequence[Record],
+    cam_method: str,
+    lung_model_path: str | Path | None = None,
+    panel: Sequence[Record] = (),
+    out_npz: str | Path | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    per_image_npz: str | Path | None = None,
+    cam_depth: int | str = 0,
+    probe_dilate_px: int | None = None,
+) -> dict[str, float]:
+    """`localize` in this process: the summary, with the panel written to `out_npz` and each
+    film's values to `per_image_npz` when given."""
+    result = localize(
+        classifier_path,
+        records,
+        cam_method,
+        lung_model_path,
+        panel=panel if out_npz is not None else (),
+        batch_size=batch_size,
+        seed=seed,
+        cam_depth=cam_depth,
+        probe_dilate_px=probe_dilate_px,
+    )
+    result.save(out_npz, per_image_npz)
+    return result.summary
 
 
 def _unet_lungs(resized_films, pre, unet) -> np.ndarray:
@@ -215,12 +298,12 @@ def _masks(records: Sequence[Record], resized_films, pre, unet) -> dict[str, np.
 class _LazyLungModel:
     """The U-Net, loaded on first need: films with truth masks need it for the probe only."""
 
-    def __init__(self, path: str | Path | None):
-        self.path, self.model = path, None
+    def __init__(self, path: str | Path | None, device: torch.device):
+        self.path, self.device, self.model = path, device, None
 
     def get(self):
         if self.model is None:
             if self.path is None:
                 raise ValueError("no truth masks beside these films: pass a lung model")
-            self.model = load_lung_model(self.path)
+            self.model = load_lung_model(self.path, self.device)
         return self.model

@@ -4,9 +4,12 @@
 reaches `point`. `CYCLE_HOLD_AT=<point>[@<n>]` with `CYCLE_HOLD_FILE=<path>` makes it stop there
 instead: the first process to get there creates the file (its pid inside) and sleeps until it is
 killed from outside (a test kills the whole node it runs on); later processes, such as the one
-that resumes, find the file and go on. Unset, `reached()` is two dict lookups.
+that resumes, find the file and go on. With `CYCLE_RELEASE_FILE=<path>` too, every process that
+gets there adds its pid to the hold file and waits until the release file exists (a test that
+must see the stage's pool while all of it is busy). Unset, `reached()` is two dict lookups.
 
-Points: shards:part (a shard file written, the build unfinished), train:step (a training step,
+Points: shards:part (a shard file written, the build unfinished), shards:batch (a ShardWriter
+actor about to enhance a batch), train:step (a training step,
 mid-epoch), evaluate (localisation measured, the stage not marked done), track (an MLflow child
 run half logged), register (a model version registered, not recorded).
 """
@@ -36,6 +39,13 @@ def reached(point: str) -> None:
     if _due("CYCLE_KILL_AT", point):
         os.kill(os.getpid(), signal.SIGKILL)
     if _due("CYCLE_HOLD_AT", point):
+        release = os.environ.get("CYCLE_RELEASE_FILE")
+        if release:
+            with open(os.environ["CYCLE_HOLD_FILE"], "a") as handle:
+                handle.write(f"{os.getpid()}\n")
+            while not os.path.exists(release):
+                time.sleep(0.2)
+            return
         try:
             fd = os.open(os.environ["CYCLE_HOLD_FILE"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:

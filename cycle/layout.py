@@ -9,7 +9,8 @@ report, the evidence study or a sweep reads back is named here, and nowhere else
         cycle_<k>/<arch>/
             shards/     data/ (parquet + manifest.json), samples.png, DONE
             train/      best.pt, last.pt, history.json, metrics.json, predictions_<split>.csv,
-                        ray_checkpoint/, DONE
+                        localization_<split>*.json|npz (CAMs of best.pt, measured where it
+                        trained), ray_checkpoint/, ray_final/ (staged for Ray's storage), DONE
             evaluate/   metrics.json, panel.npz, per_image.npz, mlflow_run.json, pictures, DONE
 
 A stage's folder is finished when its DONE marker exists (the runner also checks that what later
@@ -38,6 +39,8 @@ PANEL = "panel.npz"  # the fixed test films, their CAMs and lungs: the pictures'
 PER_IMAGE = "per_image.npz"  # localisation per test film: what the evidence study pairs
 MLFLOW_RUN = "mlflow_run.json"
 RAY_CHECKPOINT = "ray_checkpoint"  # the newest epoch, staged for Ray's storage
+RAY_FINAL = "ray_final"  # the stage's files for later stages, staged for Ray's storage
+LOCALIZED = "localized.json"  # where and how long the CAMs of the chosen weights were measured
 SHARD_DATA = "data"
 SAMPLES = "samples.png"
 CAM_GRID = "cam_grid.png"
@@ -60,6 +63,13 @@ STAGES = ("shards", "train", "evaluate")
 def predictions(split: str) -> str:
     """The per-film predictions of a split, beside the training stage's metrics."""
     return f"predictions_{split}.csv"
+
+
+def localization_files(split: str) -> tuple[str, str, str]:
+    """What a training stage measured of its best weights' CAMs on a split, for the evaluation
+    stage: the summary, each film's values, the panel (test only)."""
+    stem = f"localization_{split}"
+    return f"{stem}.json", f"{stem}_per_image.npz", f"{stem}_panel.npz"
 
 
 def per_image_at_depth(depth: int) -> str:

@@ -45,57 +45,61 @@ def cam_grid(
     title: str = "",
     alpha: float = 0.45,
     cols: int | None = None,
+    tile: int = 192,
 ) -> Path:
     """Films with their CAM overlaid; corner: predicted class and P(class).
 
     Frame colour: green = correct and confident (P >= 0.9), white = correct, red = wrong (every
-    panel shows its map: a wrong prediction's map is the one worth seeing).
+    panel shows its map: a wrong prediction's map is the one worth seeing). Drawn with OpenCV,
+    each film scaled to `tile` pixels: a 49-film grid in tens of milliseconds.
     images: [N, H, W] in [0, 1]; cams: [N, H, W] in [0, 1]; probs: [N] P(PNEUMONIA).
     """
-    n = len(images)
-    rows, cols = _grid(n, cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(1.9 * cols, 1.9 * rows + (0.4 if title else 0)), squeeze=False
-    )
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    for i in range(n):
-        ax = axes.ravel()[i]
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=1)
-        ax.imshow(cams[i], cmap=CMAP, vmin=0, vmax=1, alpha=alpha)
-        pred = int(probs[i] >= 0.5)
-        confidence = probs[i] if pred else 1 - probs[i]
-        correct = pred == int(labels[i])
-        colour = ("#2ecc40" if confidence >= CONFIDENT else "white") if correct else "#ff4136"
-        ax.text(
-            2,
-            2,
-            f"{CLASSES[pred][:4]} {confidence:.2f}",
-            color="black",
-            fontsize=6.5,
-            va="top",
-            bbox={"facecolor": colour, "alpha": 0.85, "pad": 1.2, "linewidth": 0},
-        )
+    rows, cols = _grid(len(images), cols)
+    tiles = []
+    for image, cam, prob, label in zip(images, cams, probs, labels):
+        over = _overlay(image, cam, alpha, tile)
+        pred = int(prob >= 0.5)
+        confidence = prob if pred else 1 - prob
+        correct = pred == int(label)
+        colour = (GREEN if confidence >= CONFIDENT else WHITE) if correct else RED
+        _label(over, f"{CLASSES[pred][:4]} {confidence:.2f}", (3, 3), colour, (0, 0, 0))
         if not correct:
-            ax.text(
-                2,
-                images[i].shape[0] - 3,
-                f"true {CLASSES[int(labels[i])][:4]}",
-                color="white",
-                fontsize=6,
-            )
-        for spine in ax.spines.values():
-            spine.set_visible(True)
-            spine.set_color(colour)
-            spine.set_linewidth(2.5)
-        ax.set_axis_on()
-        ax.set_xticks([])
-        ax.set_yticks([])
-    top = 1.0 - (0.35 / fig.get_figheight() if title else 0.0)
+            _label(over, f"true {CLASSES[int(label)][:4]}", (3, tile - 17), None, WHITE)
+        tiles.append(cv2.copyMakeBorder(over, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=colour))
+    blank = np.full_like(tiles[0], 255)
+    tiles += [blank] * (rows * cols - len(tiles))
+    sheet = np.concatenate(
+        [np.concatenate(tiles[r * cols : (r + 1) * cols], axis=1) for r in range(rows)], axis=0
+    )
     if title:
-        fig.suptitle(title, fontsize=10, y=0.995)
-    fig.subplots_adjust(wspace=0.04, hspace=0.04, top=top, bottom=0.0, left=0.0, right=1.0)
-    return _save(fig, path)
+        header = np.full((28, sheet.shape[1], 3), 255, np.uint8)
+        _text(header, title, (6, 19), (0, 0, 0), 0.55)
+        sheet = np.concatenate([header, sheet], axis=0)
+    return atomic_write_bytes(path, cv2.imencode(".png", sheet)[1].tobytes())
+
+
+# BGR, for OpenCV
+GREEN, WHITE, RED = (64, 204, 46), (255, 255, 255), (54, 65, 255)
+
+
+def _overlay(image: np.ndarray, cam: np.ndarray, alpha: float, size: int) -> np.ndarray:
+    gray = cv2.cvtColor(np.clip(image * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    heat = cv2.applyColorMap(np.clip(cam * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+    blended = cv2.addWeighted(gray, 1 - alpha, heat, alpha, 0)
+    return cv2.resize(blended, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _text(canvas: np.ndarray, text: str, origin: tuple[int, int], colour, scale: float = 0.42):
+    cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def _label(canvas: np.ndarray, text: str, corner: tuple[int, int], box, colour) -> None:
+    """`text` at `corner` (its top left), on a filled box of colour `box` where given."""
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.42, 1)
+    x, y = corner
+    if box is not None:
+        cv2.rectangle(canvas, (x, y), (x + w + 4, y + h + base + 3), box, thickness=-1)
+    _text(canvas, text, (x + 2, y + h + 2), colour)
 
 
 def before_after_grid(

@@ -81,13 +81,14 @@ def predicted_labels(
     """The classifier's label for each uint8 film, in batches of exactly `batch_size` (the last
     one padded): a film's answer must not depend on how many came with it."""
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device  # a model without parameters: CPU
     out = []
     for start in range(0, len(films), batch_size):
         x = torch.stack([normalise(f) for f in films[start : start + batch_size]])
         n = len(x)
         if n < batch_size:
             x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
-        out.append(model(x).argmax(1)[:n].numpy())
+        out.append(model(x.to(device)).argmax(1)[:n].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, int)
 
 

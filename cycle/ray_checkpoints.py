@@ -6,19 +6,46 @@ between leaves a complete checkpoint in storage that `ray.train.get_checkpoint()
 (seen here with epochs under a second: a worker killed after two epochs came back with none).
 So the restore reads storage itself and takes the newest complete checkpoint, registered or not.
 
-Complete means: its `epoch.json` (written before last.pt is linked in) names the epoch and the
-byte size of last.pt, and last.pt in storage has that size (an upload cut off half-way has not).
+Complete means: its `epoch.json` (written before the files are linked in) names the epoch and the
+byte size of each file, and every file in storage has that size (an upload cut off half-way has
+not). An epoch's checkpoint holds last.pt, and best.pt when that epoch chose new weights; Ray
+keeps the checkpoint with the lowest selection loss (CheckpointConfig's score) besides the
+newest, so the weights chosen so far are always in storage: a stage restores from storage alone.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cycle.layout import LAST
+from cycle.io import atomic_write_json
+from cycle.layout import BEST, LAST
 
 RAY_EPOCH = "epoch.json"
+
+
+def stage_files(folder: Path, source: Path, names, **meta) -> Path:
+    """`folder` as a checkpoint for Ray to copy: the files `names` of `source` that exist,
+    hard-linked in (a copy where links are not possible), nothing else, and RAY_EPOCH (written
+    first) with `meta` and each file's byte size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {n: (source / n).stat().st_size for n in names if (source / n).is_file()}
+    for old in folder.iterdir():
+        if old.name not in sizes and old.name != RAY_EPOCH:
+            old.unlink()
+    atomic_write_json(folder / RAY_EPOCH, {**meta, "files": sizes})
+    for name in sizes:
+        tmp = folder / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source / name, tmp)
+        except OSError:
+            shutil.copyfile(source / name, tmp)
+        os.replace(tmp, folder / name)
+    return folder
 
 
 @dataclass(frozen=True)
@@ -26,6 +53,7 @@ class StoredCheckpoint:
     epoch: int
     path: str  # in the storage's file system
     filesystem: object  # pyarrow.fs.FileSystem
+    files: tuple[str, ...] = (LAST,)
 
     def to_directory(self) -> Path:
         """A local copy, in a temporary folder (Ray copies from a local disk too)."""
@@ -34,19 +62,23 @@ class StoredCheckpoint:
         return Path(ray.train.Checkpoint(self.path, filesystem=self.filesystem).to_directory())
 
 
-def complete_epoch(filesystem, folder: str) -> int | None:
-    """The epoch a checkpoint folder in storage holds, or None when it is not complete."""
+def _complete(filesystem, folder: str) -> tuple[int, tuple[str, ...]] | None:
+    """(epoch, files) of a checkpoint folder in storage, or None when it is not complete."""
     from pyarrow import fs as pafs
 
     try:
         with filesystem.open_input_stream(f"{folder}/{RAY_EPOCH}") as handle:
             meta = json.loads(handle.read())
-        info = filesystem.get_file_info(f"{folder}/{LAST}")
-    except (OSError, ValueError):
+        sizes = meta.get("files") or {LAST: meta["bytes"]}  # older checkpoints: last.pt alone
+        if "epoch" not in meta or LAST not in sizes:
+            return None
+        for name, size in sizes.items():
+            info = filesystem.get_file_info(f"{folder}/{name}")
+            if info.type != pafs.FileType.File or info.size != size:
+                return None
+    except (OSError, ValueError, KeyError):
         return None
-    if info.type != pafs.FileType.File or "bytes" not in meta or info.size != meta["bytes"]:
-        return None
-    return int(meta["epoch"])
+    return int(meta["epoch"]), tuple(sorted(sizes))
 
 
 def stored_checkpoints(filesystem, run_folder: str) -> list[StoredCheckpoint]:
@@ -60,23 +92,25 @@ def stored_checkpoints(filesystem, run_folder: str) -> list[StoredCheckpoint]:
     found = []
     for entry in entries:
         if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
-            epoch = complete_epoch(filesystem, entry.path)
-            if epoch is not None:
-                found.append(StoredCheckpoint(epoch, entry.path, filesystem))
+            complete = _complete(filesystem, entry.path)
+            if complete is not None:
+                found.append(StoredCheckpoint(complete[0], entry.path, filesystem, complete[1]))
     return sorted(found, key=lambda c: (c.epoch, c.path))
 
 
-def newest_checkpoint() -> StoredCheckpoint | None:
-    """Inside a Ray Train worker: the newest complete checkpoint of this run, the one Ray
-    registered or a newer one it had not registered yet."""
+def run_checkpoints() -> list[StoredCheckpoint]:
+    """Inside a Ray Train worker: every complete checkpoint of this run in storage, oldest first:
+    the one Ray registered and any newer one it had not registered yet."""
     import ray.train
 
     candidates = []
     registered = ray.train.get_checkpoint()
     if registered is not None:
-        epoch = complete_epoch(registered.filesystem, registered.path)
-        if epoch is not None:
-            candidates.append(StoredCheckpoint(epoch, registered.path, registered.filesystem))
+        complete = _complete(registered.filesystem, registered.path)
+        if complete is not None:
+            candidates.append(
+                StoredCheckpoint(complete[0], registered.path, registered.filesystem, complete[1])
+            )
     try:  # a DeveloperAPI: where it moves, the registered checkpoint alone is what we have
         storage = ray.train.get_context().get_storage()
         filesystem, run_folder = storage.storage_filesystem, storage.experiment_fs_path
@@ -84,4 +118,23 @@ def newest_checkpoint() -> StoredCheckpoint | None:
         filesystem = None
     if filesystem is not None:
         candidates += stored_checkpoints(filesystem, run_folder)
-    return max(candidates, key=lambda c: c.epoch, default=None)
+    unique = {c.path: c for c in candidates}
+    return sorted(unique.values(), key=lambda c: (c.epoch, c.path))
+
+
+def newest_checkpoint() -> StoredCheckpoint | None:
+    """Inside a Ray Train worker: the newest complete checkpoint of this run."""
+    return max(run_checkpoints(), key=lambda c: c.epoch, default=None)
+
+
+def restore_folder(stored: StoredCheckpoint, checkpoints: list[StoredCheckpoint]) -> Path:
+    """A local folder with `stored`'s last.pt and the best.pt current at its epoch: its own, or
+    that of the newest earlier checkpoint that chose weights (Ray keeps it: its selection loss is
+    the lowest)."""
+    folder = stored.to_directory()
+    if BEST not in stored.files:
+        chosen = [c for c in checkpoints if BEST in c.files and c.epoch <= stored.epoch]
+        if chosen:
+            source = max(chosen, key=lambda c: c.epoch).to_directory()
+            shutil.copyfile(source / BEST, folder / BEST)
+    return folder

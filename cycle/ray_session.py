@@ -27,6 +27,9 @@ def init_ray(cfg: Config):
         dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
         log_to_driver=True,
+        # Idle workers kept a minute, not a second: the next stage's tasks reuse them instead of
+        # starting (and importing torch in) new processes, seconds each on a laptop.
+        _system_config={"idle_worker_killing_time_threshold_ms": 60_000},
     )
 
 

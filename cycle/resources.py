@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ShardPool:
-    actors: int  # EnhanceWorker actors
+    actors: int  # EnhanceWorker actors to start with: what the cluster holds now
+    max_actors: int  # what the pool may grow to, onto nodes that join during the build
     cpus_per_actor: float
     gpus_per_actor: float
     task_cpus: float  # what each read/decode task asks for
@@ -21,8 +22,9 @@ class ShardPool:
 
     def describe(self) -> str:
         gpu = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
+        grows = f" (up to {self.max_actors} as nodes join)" if self.max_actors > self.actors else ""
         return (
-            f"{self.actors} actor(s) x ({self.cpus_per_actor:g} CPU{gpu}), "
+            f"{self.actors} actor(s){grows} x ({self.cpus_per_actor:g} CPU{gpu}), "
             f"decode tasks {self.task_cpus:g} CPU"
         )
 
@@ -57,16 +59,21 @@ def plan_shard_pool(
     """Size the EnhanceWorker pool so that actors never hold every CPU: one CPU (or half the
     cluster, when it has fewer than two) is left to the read and decode tasks. On GPUs, one actor
     per `gpus_per_actor` share of the GPUs. A cluster with no CPU yet (workers that scale from
-    zero) gets one 1-CPU actor: the autoscaler adds a node for it, and the stall watchdog speaks
-    if none comes. `gpus_per_actor` > 0 (the job asks for GPUs) is honoured on a cluster without
-    GPUs now as well: one actor asks for one, and the autoscaler adds a GPU node."""
+    zero) starts with one 1-CPU actor: the autoscaler adds a node for it, and the stall watchdog
+    speaks if none comes. `gpus_per_actor` > 0 (the job asks for GPUs) is honoured on a cluster
+    without GPUs now as well: one actor asks for one, and the autoscaler adds a GPU node.
+
+    The pool starts at that size and may grow to MAX_SHARD_ACTORS while the build runs: Ray
+    Data adds actors where nodes join with room for one (an autoscaled cluster's new workers).
+    `wanted` fixes the size (at most what fits now, at least one), start and end."""
     cpus = float(cluster.get("CPU", 0.0))
     gpus = float(cluster.get("GPU", 0.0))
+    grow = max(1, wanted) if wanted else MAX_SHARD_ACTORS
     if cpus <= 0:
-        return ShardPool(1, 1.0, gpus_per_actor, 1.0, 1)
+        return ShardPool(1, max(1, grow), 1.0, gpus_per_actor, 1.0, 1)
     if cpus < 2:
         half = cpus / 2
-        return ShardPool(1, half, gpus_per_actor, half, 1)
+        return ShardPool(1, 1 if wanted else grow, half, gpus_per_actor, half, 1)
     usable = cpus - 1.0
     if gpus_per_actor > 0:
         fit = int(gpus / gpus_per_actor) if gpus else 1  # none yet: one, the autoscaler adds more
@@ -75,8 +82,26 @@ def plan_shard_pool(
         actors = max(1, min(int(usable), MAX_SHARD_ACTORS))
     if wanted:
         actors = max(1, min(actors, wanted))
+        grow = actors
     per_actor = max(1.0, math.floor(usable / actors))
-    return ShardPool(actors, per_actor, gpus_per_actor, 1.0, int(per_actor))
+    return ShardPool(actors, max(actors, grow), per_actor, gpus_per_actor, 1.0, int(per_actor))
+
+
+# What each trainer leaves free for the Ray Data tasks that read and decode its films (one task at
+# a time at least: cycle.data.films.INGEST_TASK_CPUS).
+INGEST_RESERVE_CPUS = 0.25
+
+
+def trainer_cpus(asked: float, workers: int, cluster_cpus: float) -> float:
+    """CPUs per Ray Train worker for `workers` workers side by side (every architecture's), so
+    that their films can still be decoded: on a cluster where the asked-for CPUs fit but leave
+    less than INGEST_RESERVE_CPUS a worker (2 trainers of 1 CPU on `ray start --head`'s 2 CPUs),
+    a little less each; otherwise what was asked. A request that does not fit at all is left as
+    it is: the stall watchdog names it (a cluster still scaling up, or a mistake)."""
+    if workers <= 0 or cluster_cpus <= 0 or asked * workers > cluster_cpus:
+        return asked
+    room = cluster_cpus - INGEST_RESERVE_CPUS * workers
+    return asked if asked * workers <= room else max(room / workers, INGEST_RESERVE_CPUS)
 
 
 def trainer_request(
@@ -114,3 +139,13 @@ def waiting_message(
         f"  (resources.stall_timeout_s sets how long a stage may wait; a rerun with --resume keeps "
         f"finished stages)"
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux and macOS report it in KiB and
+    bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -28,7 +28,7 @@ from cycle.console import log
 from cycle.data.prepare import prepare_records
 from cycle.data.records import ScanResult, records_of
 from cycle.data.shards import read_manifest
-from cycle.evaluate import evaluate_localization, panel_records
+from cycle.evaluate import Localization
 from cycle.io import atomic_write_json
 from cycle.layout import (
     BEST,
@@ -48,9 +48,9 @@ from cycle.layout import (
 )
 from cycle.lungseg import ensure_lung_model
 from cycle.ray_session import init_ray
-from cycle.resources import decide_gpu
+from cycle.resources import decide_gpu, peak_rss_mb, trainer_cpus
 from cycle.run_config import check_run_config, claim_run, record_run_config
-from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
+from cycle.shard_builder import build_shards, sample_picture
 from cycle.tracking.cycle_runs import LiveCurves, track_cycle
 from cycle.train import run_training
 
@@ -80,6 +80,8 @@ def damaged_outputs(stage_dir: Path) -> str | None:
         json.loads((stage_dir / METRICS).read_text())
         if stage_dir.name == "train":
             torch.load(stage_dir / BEST, map_location="cpu", weights_only=True)
+            for split in ("test", "val"):  # what the evaluation stage takes from it
+                Localization.load_from(stage_dir, split)
         elif stage_dir.name == "evaluate":
             dict(np.load(stage_dir / PANEL))
     except Exception as err:  # any unreadable file means the same: redo the stage
@@ -89,7 +91,9 @@ def damaged_outputs(stage_dir: Path) -> str | None:
 
 class StageClock:
     """Wall seconds per (stage, cycle, architectures) of this process (`rows`), added to the run's
-    timings.json as each stage ends, after what earlier processes of a resumed run spent."""
+    timings.json as each stage ends, after what earlier processes of a resumed run spent. Each
+    row also says what this driver process itself spent (CPU seconds, its peak memory so far):
+    the work that grows with the films belongs on the cluster, and this shows whether it is."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -98,13 +102,23 @@ class StageClock:
 
     @contextmanager
     def timed(self, stage: str, k: int | None, archs: str):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             seconds = time.perf_counter() - started
             if seconds >= 0.01:  # a stage found done costs nothing worth a row
-                self.rows.append({"stage": stage, "cycle": k, "archs": archs, "seconds": seconds})
+                self.rows.append(
+                    {
+                        "stage": stage,
+                        "cycle": k,
+                        "archs": archs,
+                        "seconds": seconds,
+                        "driver_cpu_s": time.process_time() - cpu,
+                        "driver_cpu_total_s": time.process_time(),  # since the process began
+                        "driver_peak_rss_mb": peak_rss_mb(),
+                    }
+                )
                 atomic_write_json(self.path, self.earlier + self.rows)
 
 
@@ -130,8 +144,12 @@ def should_stop(history: list[dict], epsilon: float, delta: float) -> str | None
 
 class Runner:
     """`on_cycle(k, arch, metrics)` is called after each evaluated cycle (a Tune trial reports
-    there); `inprocess_shards` builds shards in this process instead of with Ray Data (inside a
-    Tune trial, where Data tasks would wait for CPUs the trials hold)."""
+    there). The work that grows with the films runs on the cluster: the lung U-Net and the
+    classifiers on Ray Train workers (films streamed from Ray Data), the CAMs, lung masks and
+    probe of each chosen model in its training worker, the shards by Ray Data actors that write
+    them; this driver orchestrates, and draws the pictures from what comes back. With
+    `inprocess_shards` (inside a Tune trial, where Ray tasks would wait for CPUs the trials hold)
+    the shards are written in this process."""
 
     def __init__(
         self,
@@ -194,10 +212,14 @@ class Runner:
                 records_path.unlink()
         if not records_path.is_file():
             prepare_records(self.cfg, verbose=True).save(records_path)
-        lung_model = ensure_lung_model(self.cfg, log=log)
+        # Trained (when missing) on a Ray Train worker where the classifiers train on them.
+        on_ray = self.ensure_ray if self.cfg.resources.num_workers > 0 else None
+        lung_model = ensure_lung_model(self.cfg, log=log, on_ray=on_ray)
         return records_path, lung_model
 
-    def train_stage(self, k: int, archs: list[str], records: Path, shards: dict[str, Path]) -> None:
+    def train_stage(
+        self, k: int, archs: list[str], records: Path, shards: dict[str, Path], lung_model: Path
+    ) -> None:
         pending = [a for a in archs if not finished(self.paths.train(k, a))]
         if not pending:
             return
@@ -206,19 +228,37 @@ class Runner:
             if self.cfg.resources.num_workers > 0
             else "in this process, one after another"
         )
+        cpus = self.cfg.resources.cpus_per_worker
         if self.cfg.resources.num_workers > 0:
+            import ray
+
             self.ensure_ray()
+            workers = self.cfg.resources.num_workers * len(pending)
+            if self.cfg.data.decode == "ray_data":  # the decode tasks need CPUs of their own
+                cpus = trainer_cpus(cpus, workers, ray.cluster_resources().get("CPU", 0.0))
+            if cpus != self.cfg.resources.cpus_per_worker:
+                log(
+                    f"[cycle {k}] {workers} Ray Train worker(s) ask for {cpus:g} CPU each, not "
+                    f"{self.cfg.resources.cpus_per_worker:g}: the rest decodes their films"
+                )
         log(f"[cycle {k}] training {', '.join(pending)} {how}")
 
         def fit(arch: str) -> str:
             stage = self.paths.train(k, arch)
+            cfg = self.running_config(k, arch)
+            if cpus != cfg.resources.cpus_per_worker:
+                cfg = cfg.model_copy(
+                    update={"resources": cfg.resources.model_copy(update={"cpus_per_worker": cpus})}
+                )
             run_training(
-                self.running_config(k, arch),
+                cfg,
                 records,
                 stage,
                 name=f"{self.run_name}-c{k}-{arch}",
                 train_shards=shards.get(arch),
                 threads=max(1, int(self.cfg.resources.cpus_per_worker)),
+                # The evaluation's CAMs, where the model and its GPU are: no second start.
+                localize={"lung_model": str(lung_model), "seed": self.cfg.seed},
             )
             mark_done(stage)
             return arch
@@ -236,11 +276,22 @@ class Runner:
                 if live is not None:
                     live.follow()
 
-    def shards_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> Path:
+    def shards_stage(
+        self, k: int, archs: list[str], scan: ScanResult, lung_model: Path
+    ) -> dict[str, Path]:
+        """Each architecture's enhanced training set from its cycle k-1 weights: built side by side
+        with Ray Data (each build on its share of the cluster), one after another in-process."""
+        pending = [a for a in archs if not finished(self.paths.shards(k, a))]
+        if pending and not self.inprocess_shards:
+            self.ensure_ray()
+        at_once = 1 if self.inprocess_shards else max(1, len(pending))
+        with ThreadPoolExecutor(max_workers=at_once) as pool:
+            built = pool.map(lambda a: self.build(k, a, scan, lung_model, at_once), archs)
+            return dict(zip(archs, built))
+
+    def build(self, k: int, arch: str, scan: ScanResult, lung_model: Path, share: int) -> Path:
         stage = self.paths.shards(k, arch)
         if not finished(stage):
-            if not self.inprocess_shards:
-                self.ensure_ray()
             cfg = self.running_config(k, arch)
             previous = Path(cfg.model.weights_path)  # the previous cycle's best.pt
             train = records_of(scan.records, "train")
@@ -251,48 +302,31 @@ class Runner:
                 previous,
                 lung_model,
                 stage / SHARD_DATA,
-                log=log,
+                log=log if share == 1 else _naming(arch),
                 inprocess=self.inprocess_shards,
+                share=share,
                 # One actor per GPU share when the job asks for GPUs (resources.use_gpu).
                 gpus_per_actor=cfg.resources.gpus_per_worker if cfg.resources.use_gpu else 0.0,
             )
-            worker = EnhanceWorker.from_config(str(previous), str(lung_model), cfg)
-            sample_picture(cfg, train, worker, stage / SAMPLES)
+            sample_picture(stage / SHARD_DATA, stage / SAMPLES)
             mark_done(stage)
         return stage / SHARD_DATA
 
-    def evaluate_stage(self, k: int, arch: str, scan: ScanResult, lung_model: Path) -> dict:
-        stage = self.paths.evaluate(k, arch)
+    def evaluate_stage(self, k: int, arch: str) -> dict:
+        """The cycle-k weights on the ORIGINAL films, as their training stage measured them: its
+        classification metrics, and where its CAMs look on test (the report, the CAM panel) and
+        on val (the stop rule, sweeps; test only reports)."""
+        stage, train_dir = self.paths.evaluate(k, arch), self.paths.train(k, arch)
         if finished(stage):
             return json.loads((stage / METRICS).read_text())
-        train_dir = self.paths.train(k, arch)
         metrics = json.loads((train_dir / METRICS).read_text())["flat"]
-        test = records_of(scan.records, "test")
+        on_test = Localization.load_from(train_dir, "test")
+        on_val = Localization.load_from(train_dir, "val")
+        metrics.update(on_test.summary)
         metrics.update(
-            evaluate_localization(
-                train_dir / BEST,
-                test,
-                self.cfg.cam.method,
-                lung_model,
-                panel=panel_records(test, self.cfg.seed),
-                out_npz=stage / PANEL,
-                seed=self.cfg.seed,
-                per_image_npz=stage / PER_IMAGE,
-                cam_depth=self.cfg.cam.depth,
-                probe_dilate_px=self.cfg.enhance.dilate_px,
-            )
+            {f"val_{key}": value for key, value in on_val.summary.items() if "_ci_" not in key}
         )
-        # The same on val: what the stop rule and sweeps decide on (test only reports).
-        val = evaluate_localization(
-            train_dir / BEST,
-            records_of(scan.records, "val"),
-            self.cfg.cam.method,
-            lung_model,
-            seed=self.cfg.seed,
-            cam_depth=self.cfg.cam.depth,
-            probe_dilate_px=self.cfg.enhance.dilate_px,
-        )
-        metrics.update({f"val_{key}": value for key, value in val.items() if "_ci_" not in key})
+        on_test.save(stage / PANEL, stage / PER_IMAGE)
         faults.reached("evaluate")
         atomic_write_json(stage / METRICS, metrics)
         mark_done(stage)
@@ -312,14 +346,14 @@ class Runner:
                 break
             started = time.perf_counter()
             shards = {}
-            for arch in active if k else []:
-                with self.clock.timed("shards", k, arch):
-                    shards[arch] = self.shards_stage(k, arch, scan, lung_model)
+            if k:
+                with self.clock.timed("shards", k, "+".join(active)):
+                    shards = self.shards_stage(k, active, scan, lung_model)
             with self.clock.timed("train", k, "+".join(active)):
-                self.train_stage(k, active, records_path, shards)
+                self.train_stage(k, active, records_path, shards, lung_model)
             for arch in active:
                 with self.clock.timed("evaluate", k, arch):
-                    metrics = self.evaluate_stage(k, arch, scan, lung_model)
+                    metrics = self.evaluate_stage(k, arch)
                 state.results.setdefault(arch, []).append(metrics)
                 with self.clock.timed("track", k, arch):
                     self.track(k, arch, metrics, shards.get(arch))
@@ -347,3 +381,8 @@ class Runner:
     def track(self, k: int, arch: str, metrics: dict, shards: Path | None) -> None:
         if self.tracker is not None:
             track_cycle(self.tracker, self.cfg, self.paths, k, arch, metrics, shards)
+
+
+def _naming(arch: str):
+    """`log`, with the architecture in the [shards] lines of builds that run side by side."""
+    return lambda line: log(line.replace("[shards]", f"[shards {arch}]", 1))

@@ -2,14 +2,17 @@
 the U-Net lung mask, localisation numbers and the enhanced film, in one pass, written as shards.
 
     read_binary_files -> decode (tasks; a bad file becomes a 'skipped' row, never an error)
-      -> EnhanceWorker (actors holding both models; GPUs where configured)
-      -> the driver iterates the output batches and writes each one itself, with pyarrow, as
-         <out>.partial-<id>/part-NNNNN.parquet -> manifest (driver) -> rename to <out>
+      -> ShardWriter (an elastic actor pool holding both models, GPUs where configured, that
+         grows onto nodes that join during the build): each batch enhanced and written as one
+         parquet file of <out>.partial-<id>/, its summary handed on
+      -> the driver writes the manifest from the summaries -> rename to <out>
 
-Ray Data computes the rows; the driver writes the files (it never decodes a film or computes a
-CAM). With `inprocess=True` the same `decode_batch` and `EnhanceWorker` run in this process and
-write the same parts, without Ray (`iter_enhanced`; also the benchmark's batched baseline, the
-sample picture, and the tests' reference).
+The driver never sees a film: it reads the files' summaries as they come (progress, the stall
+watchdog) and writes the manifest. Rows keep the build's seeded order (their `position`; a file
+holds a contiguous run of it), so readers get the same rows in the same order however Ray Data
+ran. With `inprocess=True` the same `decode_batch` and `ShardWriter` run in this process and
+write the same files, without Ray; `iter_enhanced` gives the rows without writing them (the
+benchmark's batched baseline, the tests' reference).
 """
 
 from __future__ import annotations
@@ -35,65 +38,30 @@ from cycle.cam import compute_cam
 from cycle.checkpoint import load_classifier
 from cycle.config import CamConfig, Config, EnhanceConfig, config_hash
 from cycle.data.records import Record
-from cycle.data.shards import MANIFEST, OK, file_sha256, publish, read_manifest, write_manifest
-from cycle.data.transforms import (
-    ImageLoadError,
-    Preprocess,
-    decode_grayscale,
-    preprocess_from_config,
+from cycle.data.shards import (
+    MANIFEST,
+    OK,
+    decode_png,
+    file_sha256,
+    publish,
+    read_manifest,
+    shard_files,
+    summarize_part,
+    write_manifest,
 )
-from cycle.enhance import derangement, enhance_batch, needs_donor
+from cycle.enhance import enhance_batch, needs_donor
 from cycle.lungseg.masks import load_lung_model
 from cycle.lungseg.masks import predict as predict_lungs
 from cycle.resources import plan_shard_pool, waiting_message
+from cycle.shard_inputs import (
+    build_order,
+    decode_arguments,
+    decode_batch,
+    read_and_decode,
+)
 from cycle.watchdog import Watchdog
 
-
-def decode_batch(
-    batch: dict, lookup: dict, preprocess: Preprocess, max_pixels: int, with_context: bool = False
-) -> dict:
-    """bytes + path -> films resized to R x R (uint8) with label, split, patient, status, reason;
-    `with_context`: also each film's context donor (read here: the donor is fixed per film by the
-    seed, not by which batch Ray Data happens to form, so a build is reproducible)."""
-    pre = preprocess
-    r = pre.resize_to
-    paths = [os.path.abspath(str(p)) for p in batch["path"]]
-    meta = [lookup[p] for p in paths]
-    films = np.zeros((len(paths), r, r), np.uint8)
-    context = np.zeros((len(paths), r, r), np.uint8)
-    donors = []
-    status, reason = [], []
-    for i, data in enumerate(batch["bytes"]):
-        try:
-            films[i] = pre.resize(decode_grayscale(bytes(data), max_pixels))
-            status.append(OK)
-            reason.append("")
-        except ImageLoadError as err:
-            status.append("skipped")
-            reason.append(err.reason)
-            donors.append("")
-            continue
-        donor = meta[i][3] if with_context else ""
-        try:
-            context[i] = (
-                pre.resize(decode_grayscale(Path(donor).read_bytes(), max_pixels))
-                if donor
-                else films[i]
-            )
-        except (OSError, ImageLoadError):
-            context[i], donor = films[i], ""  # an unreadable donor: the film keeps its own context
-        donors.append(donor)
-    return {
-        "film": films,
-        "context": context,
-        "donor": np.array(donors, dtype=object),
-        "path": np.array(paths, dtype=object),
-        "label": np.array([m[0] for m in meta], dtype=np.int64),
-        "split": np.array([m[1] for m in meta], dtype=object),
-        "patient": np.array([m[2] for m in meta], dtype=object),
-        "status": np.array(status, dtype=object),
-        "reason": np.array(reason, dtype=object),
-    }
+SAMPLE_FILMS = 49  # the build's first films, shown in samples.png (their CAMs ride in their rows)
 
 
 class EnhanceWorker:
@@ -170,7 +138,7 @@ class EnhanceWorker:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
         ok = np.array([s == OK for s in batch["status"]], bool)
-        out = {k: batch[k] for k in ("path", "label", "split", "patient")}
+        out = {k: batch[k] for k in ("position", "path", "label", "split", "patient")}
         status, reason = (
             np.array(batch["status"], dtype=object),
             np.array(batch["reason"], dtype=object),
@@ -185,10 +153,15 @@ class EnhanceWorker:
             "cam_peak_x": np.zeros(n, np.int64),
         }
         trusted, donors = np.zeros(n, bool), np.array(batch["donor"], dtype=object)
+        sample_film = np.array([b""] * n, dtype=object)
+        sample_cam = np.array([b""] * n, dtype=object)
         if ok.any():
             idx = np.flatnonzero(ok)
             cams, probs, result = self.enhance(batch, idx)
             for k, i in enumerate(idx):
+                if batch["position"][i] < SAMPLE_FILMS:  # what samples.png shows
+                    sample_film[i] = _png(batch["film"][i])
+                    sample_cam[i] = _png(np.round(cams[k] * 255))
                 peak = np.unravel_index(int(cams[k].argmax()), cams[k].shape)
                 stats["prob_pneumonia"][i] = probs[k]
                 stats["cam_mean"][i] = float(cams[k].mean())
@@ -198,8 +171,7 @@ class EnhanceWorker:
                 if not result.keep[k]:
                     status[i], reason[i] = "dropped", "untrusted CAM (fallback: drop)"
                     continue
-                png = cv2.imencode(".png", np.round(result.images[k] * 255).astype(np.uint8))[1]
-                images[i] = png.tobytes()
+                images[i] = _png(np.round(result.images[k] * 255))
         return {
             "image": images,
             **out,
@@ -208,34 +180,44 @@ class EnhanceWorker:
             "donor": donors,
             "status": status,
             "reason": reason,
+            "sample_film": sample_film,
+            "sample_cam": sample_cam,
         }
 
 
-def decode_arguments(cfg: Config, lookup: dict) -> dict:
-    """decode_batch's arguments, the same for Ray Data and the in-process path."""
-    return {
-        "lookup": lookup,
-        "preprocess": preprocess_from_config(cfg.data),
-        "max_pixels": cfg.data.max_image_pixels,
-        "with_context": needs_donor(cfg.enhance.mode),
-    }
+def _png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", np.clip(image, 0, 255).astype(np.uint8))[1].tobytes()
 
 
-def _inputs(records: Sequence[Record], seed: int) -> tuple[list[str], dict]:
-    """Absolute paths in a seeded random order, and path -> (label, split, patient, donor): each
-    film's context donor is another film of the same split drawn at random across labels (a val
-    film never borrows a training film's context)."""
-    meta = {os.path.abspath(r.path): (r.label, r.split, r.patient) for r in records}
-    paths = sorted(meta)
-    rng = np.random.default_rng([seed, 101])
-    paths = [paths[i] for i in rng.permutation(len(paths))]
-    lookup = {}
-    for split in sorted({m[1] for m in meta.values()}):
-        members = [p for p in paths if meta[p][1] == split]
-        donors = derangement(len(members), rng)
-        for p, d in zip(members, donors):
-            lookup[p] = (*meta[p], members[d] if len(members) > 1 else "")
-    return paths, lookup
+class ShardWriter(EnhanceWorker):
+    """An EnhanceWorker that writes each batch's rows as one shard file of `out_dir` (named by the
+    batch's first position in the build's order, written atomically) and hands on only that file's
+    summary (`summarize_part`): the films never leave the actor, the driver gets numbers."""
+
+    def __init__(self, out_dir: str | Path, **worker):
+        super().__init__(**worker)
+        self.out_dir = Path(out_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        faults.reached("shards:batch")
+        rows = super().__call__(batch)
+        path = self.out_dir / f"part-{int(np.min(rows['position'])):08d}.parquet"
+        table = pa.table(
+            {k: list(v) if np.asarray(v).dtype == object else v for k, v in rows.items()}
+        )
+        pq.write_table(table, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        summary = {**summarize_part(path), **_where()}
+        return {"summary": np.array([json.dumps(summary)], dtype=object)}
+
+
+def _where() -> dict:
+    """The Ray node and process that wrote a part (the manifest shows where the work ran)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # in-process builds run without Ray: never import it here
+    node = ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else ""
+    return {"node_id": node, "pid": os.getpid()}
 
 
 def build_key(cfg: Config, records: Sequence[Record], classifier_path, lung_model_path) -> str:
@@ -263,11 +245,14 @@ def build_shards(
     threads_per_actor: int | None = None,
     log=print,
     inprocess: bool = False,
+    share: int = 1,
 ) -> dict:
     """Build (or reuse) the enhanced shards of `records` in `out_dir`; returns the manifest.
-    `num_actors` caps the EnhanceWorker pool, which is otherwise sized from the cluster's CPUs.
-    `inprocess`: the same rows written by this process, without Ray Data (inside a Tune trial,
-    where Data tasks would wait for CPUs the trials hold)."""
+    `num_actors` fixes the EnhanceWorker pool's size; without it the pool starts at what the
+    cluster holds now (`share`: the builds running at once split it) and grows onto nodes that
+    join. `inprocess`: the same rows written by this process, without Ray Data (inside a Tune
+    trial, where Data tasks would wait for CPUs the trials hold). `log` lines say `out_dir`'s
+    stage (its architecture) when builds run side by side."""
     # Absolute: Ray's workers need not share the driver's working folder.
     out_dir, classifier_path, lung_model_path = (
         Path(p).resolve() for p in (out_dir, classifier_path, lung_model_path)
@@ -279,9 +264,9 @@ def build_shards(
     for stale in out_dir.parent.glob(out_dir.name + ".partial-*"):
         shutil.rmtree(stale, ignore_errors=True)  # an interrupted build: never readable, now gone
     tmp = out_dir.with_name(f"{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True)
 
-    paths, lookup = _inputs(records, cfg.seed)
+    paths, lookup = build_order(records, cfg.seed)
     batch_size = batch_size or cfg.cam.batch_size
     how = "in this process" if inprocess else "Ray Data"
     log(
@@ -289,11 +274,11 @@ def build_shards(
         f"strength {cfg.enhance.strength}, {how})"
     )
     if inprocess:
-        _write_inprocess(
+        parts = _write_inprocess(
             cfg, records, classifier_path, lung_model_path, tmp, batch_size, threads_per_actor
         )
     else:
-        _write_with_ray_data(
+        parts = _write_with_ray_data(
             cfg,
             paths,
             lookup,
@@ -305,6 +290,7 @@ def build_shards(
             gpus_per_actor,
             threads_per_actor,
             log,
+            share,
         )
     manifest = write_manifest(
         tmp,
@@ -320,6 +306,7 @@ def build_shards(
             "image_size": cfg.data.image_size,
             "crop_fraction": cfg.data.crop_fraction,
         },
+        parts=parts,
     )
     publish(tmp, out_dir)
     c = manifest["counts"]
@@ -358,15 +345,28 @@ def _write_with_ray_data(
     gpus_per_actor: float,
     threads: int | None,
     log,
-) -> None:
-    """Decode tasks -> EnhanceWorker actors, sized from the cluster; this driver writes each
-    output batch as it arrives (progress shown, a stall named and ended by the watchdog)."""
+    share: int = 1,
+) -> list[dict]:
+    """Decode tasks -> ShardWriter actors (an elastic pool, sized from the cluster's share of this
+    build), which write the shard files themselves, in the build's order. This driver reads the
+    files' summaries as they come: progress, the `shards:part` fault point, a stall named and
+    ended by the watchdog. Returns the summaries."""
     import ray
     import ray.data
 
-    pool = plan_shard_pool(ray.cluster_resources(), gpus_per_actor, wanted_actors)
+    cluster = {k: v / share for k, v in ray.cluster_resources().items()}
+    pool = plan_shard_pool(cluster, gpus_per_actor, wanted_actors)
     log(f"[shards] Ray Data: {pool.describe()}")
-    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=pool.task_cpus)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # batches run in the build's order
+    # A block a batch: queued blocks are what an actor on a node that joins takes (Ray Data grows
+    # the pool only while work waits), and each becomes one shard file.
+    ds = ray.data.read_binary_files(
+        paths,
+        include_paths=True,
+        num_cpus=pool.task_cpus,
+        override_num_blocks=max(1, -(-len(paths) // batch_size)),
+    )
     ds = ds.map_batches(
         decode_batch,
         batch_size=batch_size,
@@ -375,13 +375,16 @@ def _write_with_ray_data(
         fn_kwargs=decode_arguments(cfg, lookup),
     )
     ds = ds.map_batches(
-        EnhanceWorker,
+        ShardWriter,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=pool.max_actors, initial_size=pool.actors
+        ),
         num_gpus=pool.gpus_per_actor,
         num_cpus=pool.cpus_per_actor,
         fn_constructor_kwargs={
+            "out_dir": str(tmp),
             "classifier_path": str(classifier_path),
             "lung_model_path": str(lung_model_path),
             "enhance": cfg.enhance,
@@ -407,51 +410,50 @@ def _write_with_ray_data(
             "other jobs hold, or build in this process (--inprocess-shards)",
         )
 
-    tmp.mkdir(parents=True, exist_ok=True)
-    done, last_shown = 0, 0.0
+    parts, last_shown = [], time.monotonic()
     with Watchdog("shards", cfg.resources.stall_timeout_s, describe) as dog:
-        for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
-            _write_part(tmp, i, batch)
+        for row in ds.iter_rows():
+            parts.append(json.loads(row["summary"]))
             dog.beat()
-            done += len(batch["path"])
-            if time.monotonic() - last_shown > 10 or done == len(paths):
-                log(f"[shards] {done:,}/{len(paths):,} films")
+            faults.reached("shards:part")
+            if time.monotonic() - last_shown > 10:
+                log(f"[shards] {sum(p['rows'] for p in parts):,}/{len(paths):,} films written")
                 last_shown = time.monotonic()
-
-
-def _write_part(tmp: Path, index: int, batch: dict) -> None:
-    table = pa.table({k: list(v) if np.asarray(v).dtype == object else v for k, v in batch.items()})
-    path = tmp / f"part-{index:05d}.parquet"
-    pq.write_table(table, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    faults.reached("shards:part")
+    return parts
 
 
 def _write_inprocess(
     cfg, records, classifier_path, lung_model_path, tmp: Path, batch_size: int, threads: int | None
-) -> None:
-    worker = EnhanceWorker.from_config(classifier_path, lung_model_path, cfg, threads=threads)
-    tmp.mkdir(parents=True, exist_ok=True)
-    for i, batch in enumerate(iter_enhanced(cfg, records, worker, batch_size)):
-        _write_part(tmp, i, batch)
-
-
-def _read_and_decode(paths: Sequence[str], arguments: dict) -> dict:
-    """What read_binary_files + decode_batch do in Ray Data, in this process."""
-    return decode_batch(
-        {"bytes": [Path(p).read_bytes() for p in paths], "path": list(paths)}, **arguments
+) -> list[dict]:
+    """The same files, written by a ShardWriter in this process; returns their summaries."""
+    writer = ShardWriter(
+        tmp,
+        classifier_path=classifier_path,
+        lung_model_path=lung_model_path,
+        enhance=cfg.enhance,
+        cam=cfg.cam,
+        seed=cfg.seed,
+        threads=threads,
     )
+    paths, lookup = build_order(records, cfg.seed)
+    arguments = decode_arguments(cfg, lookup)
+    parts = []
+    for start in range(0, len(paths), batch_size):
+        summary = writer(read_and_decode(paths[start : start + batch_size], arguments))
+        parts.append(json.loads(summary["summary"][0]))
+        faults.reached("shards:part")
+    return parts
 
 
 def iter_enhanced(
     cfg: Config, records: Sequence[Record], worker: EnhanceWorker, batch_size: int = 32
 ):
     """The same pipeline batched in this process (no Ray): output batches, one at a time."""
-    paths, lookup = _inputs(records, cfg.seed)
+    paths, lookup = build_order(records, cfg.seed)
     arguments = decode_arguments(cfg, lookup)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        yield worker(_read_and_decode(chunk, arguments))
+        yield worker(read_and_decode(chunk, arguments))
 
 
 def enhance_inprocess(
@@ -460,18 +462,23 @@ def enhance_inprocess(
     return list(iter_enhanced(cfg, records, worker, batch_size))
 
 
-def sample_picture(
-    cfg: Config, records: Sequence[Record], worker: EnhanceWorker, path: str | Path, n: int = 49
-) -> Path | None:
-    """The first n readable films of the build's order: (film, CAM, enhanced film) triplets,
-    decoded and enhanced exactly as the shard rows are; None when none of them is readable."""
+def sample_picture(shard_dir: str | Path, path: str | Path) -> Path | None:
+    """samples.png: the build's first SAMPLE_FILMS films (their positions), each as film, CAM and
+    enhanced film, from the rows that carry them (a few rows of the first shard file: the picture
+    costs no second pass over films or models). None when none of them was readable."""
     from cycle.plots import enhanced_grid
 
-    paths, lookup = _inputs(records, cfg.seed)
-    chunk = paths[: n + 8]  # a few spare films in case some are unreadable
-    batch = _read_and_decode(chunk, decode_arguments(cfg, lookup))
-    idx = np.flatnonzero([s == OK for s in batch["status"]])[:n]
-    if not len(idx):
+    films, cams, enhanced = [], [], []
+    for file in shard_files(shard_dir, verify=False):
+        table = pq.read_table(file, columns=["position", "image", "sample_film", "sample_cam"])
+        rows = table.to_pylist()
+        for row in sorted(rows, key=lambda r: r["position"]):
+            if row["sample_film"]:
+                films.append(decode_png(row["sample_film"]) / 255.0)
+                cams.append(decode_png(row["sample_cam"]) / 255.0)
+                enhanced.append(decode_png(row["image"]) / 255.0)
+        if not rows or rows[-1]["position"] >= SAMPLE_FILMS - 1:
+            break
+    if not films:
         return None
-    cams, _, result = worker.enhance(batch, idx)
-    return enhanced_grid(batch["film"][idx] / 255.0, cams, result.images, path)
+    return enhanced_grid(np.stack(films), np.stack(cams), np.stack(enhanced), path)

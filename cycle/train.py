@@ -1,8 +1,12 @@
 """Train and evaluate one architecture: a `train_func(config)` that runs in-process, on one Ray
 Train worker or on many (DDP), and resumes from its last checkpoint after a crash.
 
-Read top to bottom: data -> model -> optimiser -> resume -> epochs (train, validate, checkpoint,
+Read top to bottom: films -> model -> optimiser -> resume -> epochs (train, validate, checkpoint,
 early stop) -> reload the best weights (chosen on val, never on test) -> evaluate every split.
+
+The films stream (cycle.data.films): on Ray Train workers from Ray Data (`get_dataset_shard`,
+train split across the workers, the other splits read by rank 0 alone), in-process from disk, in
+the same order; a worker holds the batches in flight and its shuffle buffer, never a split.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cycle import faults
 from cycle.checkpoint import (
@@ -33,22 +36,43 @@ from cycle.checkpoint import (
 )
 from cycle.config import Config
 from cycle.console import say
-from cycle.data.dataset import EpochShuffle, ImageDataset
-from cycle.data.records import ScanResult, records_of
-from cycle.data.shards import load_shards
+from cycle.data.films import FilmSet, FilmStreams, shuffled_rows, to_tensors
 from cycle.data.transforms import augment_from_config, preprocess_from_config
-from cycle.evaluate import EVAL_SPLITS, autocast, evaluate_splits, split_metrics
+from cycle.evaluate import (
+    EVAL_SPLITS,
+    autocast,
+    evaluate_splits,
+    localize_splits,
+    panel_records,
+    split_metrics,
+)
 from cycle.io import atomic_write_json
-from cycle.layout import BEST, EPOCH_LOG, HISTORY, LAST, METRICS, RAY_CHECKPOINT, STARTED
+from cycle.layout import (
+    BEST,
+    EPOCH_LOG,
+    HISTORY,
+    LAST,
+    LOCALIZED,
+    METRICS,
+    RAY_CHECKPOINT,
+    RAY_FINAL,
+    STARTED,
+    predictions,
+)
 from cycle.metrics import format_table, prefixed
 from cycle.models import Classifier, build_model
-from cycle.ray_checkpoints import RAY_EPOCH, newest_checkpoint
-from cycle.resources import decide_gpu, trainer_request, waiting_message
+from cycle.ray_checkpoints import restore_folder, run_checkpoints, stage_files
+from cycle.resources import decide_gpu, peak_rss_mb, trainer_request, waiting_message
 from cycle.watchdog import Watchdog
 
-# The stage's files are named in cycle.layout: BEST (the weights with the lowest val loss so far),
-# LAST (model, optimiser, scheduler, epoch, early-stopping state, history), STARTED; RAY_EPOCH
-# (beside LAST in Ray's checkpoint: its epoch and last.pt's size) in cycle.ray_checkpoints.
+# The stage's files are named in cycle.layout: BEST (the weights with the lowest selection loss so
+# far), LAST (model, optimiser, scheduler, epoch, early-stopping state, history), STARTED. Ray's
+# checkpoint of an epoch holds both weights files and RAY_EPOCH (cycle.ray_checkpoints): a stage
+# restores from Ray's storage alone, on any node.
+#
+# Each epoch's report to Ray carries SELECTION: the loss the epoch is chosen by (val, or the
+# enhanced val films after the baseline); Ray keeps the best checkpoint by it, and the newest.
+SELECTION = "selection_loss"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,21 +112,24 @@ class Session:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def resume_file(self, run_dir: Path) -> tuple[Path, str, str] | None:
-        """(file to read, where it came from, its location there): the newest complete checkpoint
-        in Ray's storage (a restarted worker, maybe on another node; see cycle.ray_checkpoints),
-        unless this node's own last.pt is newer."""
-        path = run_dir / LAST
+    def resume_from(self, run_dir: Path) -> tuple[Path, str, str] | None:
+        """(folder holding last.pt and the best.pt of its epoch, where it came from, its location
+        there): the newest complete checkpoint in Ray's storage (a restarted worker, maybe on
+        another node with none of the stage's files; see cycle.ray_checkpoints), unless this
+        node's own last.pt is newer."""
         if self.in_ray and self.ray_checkpoints:
-            stored = newest_checkpoint()
+            stored = run_checkpoints()
             history = run_dir / HISTORY
             local_epoch = (
-                len(json.loads(history.read_text())) if path.is_file() and history.is_file() else -1
+                len(json.loads(history.read_text()))
+                if (run_dir / LAST).is_file() and history.is_file()
+                else -1
             )
-            if stored is not None and stored.epoch >= local_epoch:
-                local = stored.to_directory() / LAST
-                return local, "Ray storage checkpoint", f"{stored.path}/{LAST}"
-        return (path, "local checkpoint", str(path)) if path.is_file() else None
+            if stored and stored[-1].epoch >= local_epoch:
+                folder = restore_folder(stored[-1], stored)
+                return folder, "Ray storage checkpoint", f"{stored[-1].path}/{LAST}"
+        path = run_dir / LAST
+        return (run_dir, "local checkpoint", str(path)) if path.is_file() else None
 
     def distributed(self, model: nn.Module) -> nn.Module:
         """DDP across the Ray Train workers; the model itself with one worker or none."""
@@ -125,25 +152,35 @@ class Session:
 
 
 # ---------------------------------------------------------------------------------------------
+# Films
+
+
+def film_sets(records: str, train_shards: str | None, seed: int) -> dict[str, FilmSet]:
+    """train, val, test, test_cf from the records. With shards, train is the enhanced films and
+    "select" the enhanced val films (what the epoch is chosen on); val, test and test_cf stay the
+    original films. Empty sets are left out."""
+    sets = {split: FilmSet.originals(records, split, seed) for split in ("train", *EVAL_SPLITS)}
+    if train_shards:
+        sets["train"] = FilmSet.enhanced(train_shards, "train")
+        # Select on val films enhanced the same way: the original val films carry the train
+        # shortcut, so choosing by their loss would reward keeping it.
+        sets["select"] = FilmSet.enhanced(train_shards, "val")
+    sets = {name: films for name, films in sets.items() if len(films)}
+    if "train" not in sets or "val" not in sets:
+        raise RuntimeError("training needs non-empty train and val splits")
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------
 # Pieces
 
 
-def stage_for_ray(last: Path, ray_dir: Path, epoch: int) -> Path:
-    """The folder Ray copies to storage_path: last.pt hard-linked in (no second write of the
-    whole checkpoint each epoch), a copy where links are not possible, and its epoch (read on
-    resume without loading the checkpoint)."""
-    ray_dir.mkdir(parents=True, exist_ok=True)
-    # Before last.pt goes in: a checkpoint is complete once last.pt has the size said here.
-    atomic_write_json(ray_dir / RAY_EPOCH, {"epoch": epoch, "bytes": last.stat().st_size})
-    target = ray_dir / LAST
-    tmp = ray_dir / f".{LAST}.tmp"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(last, tmp)
-    except OSError:
-        shutil.copyfile(last, tmp)
-    os.replace(tmp, target)
-    return ray_dir
+def stage_for_ray(run_dir: Path, epoch: int, improved: bool) -> Path:
+    """The folder Ray copies to storage_path for an epoch: last.pt, and best.pt when the epoch
+    chose new weights (Ray keeps that checkpoint by its selection loss), hard-linked in, and
+    RAY_EPOCH, which says the epoch and what makes the checkpoint complete."""
+    names = (LAST, BEST) if improved else (LAST,)
+    return stage_files(run_dir / RAY_CHECKPOINT, run_dir, names, epoch=epoch)
 
 
 def quiet_ray_train_logs() -> None:
@@ -190,50 +227,58 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def make_criterion(cfg: Config, labels: np.ndarray, device: torch.device) -> nn.Module:
+def make_criterion(cfg: Config, counts: tuple[int, int], device: torch.device) -> nn.Module:
     """Cross-entropy, with inverse-frequency class weights unless train.class_weights=none."""
     if cfg.train.class_weights == "none":
         return nn.CrossEntropyLoss()
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    weights = torch.tensor(len(labels) / (2.0 * np.maximum(counts, 1.0)), dtype=torch.float32)
+    counts = np.asarray(counts, dtype=np.float64)
+    weights = torch.tensor(counts.sum() / (2.0 * np.maximum(counts, 1.0)), dtype=torch.float32)
     return nn.CrossEntropyLoss(weight=weights.to(device))
 
 
-def loader(dataset: ImageDataset, cfg: Config, session: Session, shuffle: bool) -> DataLoader:
-    sampler = EpochShuffle(
-        len(dataset), cfg.seed, session.rank, session.world_size, shuffle=shuffle
-    )
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size if shuffle else max(cfg.train.batch_size, 64),
-        sampler=sampler,
-        num_workers=cfg.data.loader_workers,
-        pin_memory=session.device.type == "cuda",
-        drop_last=False,
-    )
+def training_batches(films: FilmStreams, cfg: Config, epoch: int, rank: int):
+    """(images, labels, indices) of this rank's training films for one epoch: its rows through
+    the shuffle buffer (seeded by seed, epoch and rank), augmented (seeded by seed, epoch and
+    film), center-cropped, normalised."""
+    rng = np.random.default_rng([cfg.seed, epoch, rank, 7])
+    rows = shuffled_rows(films.batches("train"), cfg.data.shuffle_buffer, rng)
+    preprocess = preprocess_from_config(cfg.data)
+    augment = augment_from_config(cfg.train.augment)
+    chunk: list = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == cfg.train.batch_size:
+            yield to_tensors(chunk, preprocess, augment, cfg.seed, epoch)
+            chunk = []
+    if chunk:
+        yield to_tensors(chunk, preprocess, augment, cfg.seed, epoch)
 
 
-def train_one_epoch(
-    model, data, optimizer, criterion, cfg: Config, session: Session
-) -> dict[str, float]:
+def train_one_epoch(fit: Fit, epoch: int) -> tuple[dict[str, float], list[int]]:
+    """One pass over this rank's part; returns its numbers and the films it read."""
+    cfg, device, model = fit.cfg, fit.session.device, fit.net
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for step, (images, labels, _) in enumerate(data):
+    total_loss, correct, seen, read = 0.0, 0, 0, []
+    batches = training_batches(fit.films, cfg, epoch, fit.session.rank)
+    for step, (images, labels, indices) in enumerate(batches):
         if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
+            batches.close()  # the rest of the epoch is not read
             break
-        images = images.to(session.device, non_blocking=True)
-        labels = labels.to(session.device, non_blocking=True)
-        with autocast(cfg, session.device):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(cfg, device):
             logits = model(images).float()
-        loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
+        loss = fit.criterion(logits, labels)
+        fit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        fit.optimizer.step()
         faults.reached("train:step")
         total_loss += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
-    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+        read.extend(indices)
+    stats = {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+    return stats, read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,56 +291,14 @@ class LoopConfig:
     `train_loop_config` (a dict of these fields)."""
 
     config: dict  # the Config, dumped, every path absolute
-    records: str  # records.json of the data set
+    films: dict  # name -> FilmSet fields: what each set is (no film, no file list)
     run_dir: str  # where last.pt, best.pt, history.json, metrics.json go
     ray_checkpoints: bool = False  # also hand each epoch's checkpoint to Ray's storage_path
-    train_shards: str | None = None  # train (and select) on these enhanced films
     threads: int | None = None  # torch threads per Ray worker (trainers sharing a machine)
     in_process: bool = False  # called directly, not by Ray Train (e.g. inside a Tune trial)
-
-
-def build_datasets(
-    cfg: Config, scan: ScanResult, train_shards: str | None
-) -> dict[str, ImageDataset]:
-    """train, val, test, test_cf from the records. With shards, train is the enhanced films and
-    "select" the enhanced val films (what the epoch is chosen on); val, test and test_cf stay
-    the original films."""
-    preprocess = preprocess_from_config(cfg.data)
-    augment = augment_from_config(cfg.train.augment)
-    datasets = {
-        split: ImageDataset(
-            records_of(scan.records, split),
-            preprocess,
-            augment if split == "train" else None,
-            seed=cfg.seed,
-            cache=cfg.data.cache_images,
-            max_pixels=cfg.data.max_image_pixels,
-        )
-        for split in ("train", *EVAL_SPLITS)
-    }
-    if train_shards:
-        records, films, _ = load_shards(train_shards)
-        by_split = {s: [i for i, r in enumerate(records) if r.split == s] for s in ("train", "val")}
-
-        def enhanced(split: str, augment_with) -> ImageDataset:
-            rows = by_split[split]
-            return ImageDataset(
-                [records[i] for i in rows],
-                preprocess,
-                augment_with,
-                seed=cfg.seed,
-                resized=[films[i] for i in rows],
-            )
-
-        datasets["train"] = enhanced("train", augment)
-        if by_split["val"]:
-            # Select on val films enhanced the same way: the original val films carry the train
-            # shortcut, so choosing by their loss would reward keeping it.
-            datasets["select"] = enhanced("val", None)
-    datasets = {k: v for k, v in datasets.items() if len(v)}
-    if "train" not in datasets or "val" not in datasets:
-        raise RuntimeError("training needs non-empty train and val splits")
-    return datasets
+    # After training, where the CAMs of the chosen weights look on test and val:
+    # {"lung_model": path, "seed": the job's seed (the same panel and probe donors every cycle)}
+    localize: dict | None = None
 
 
 @dataclass
@@ -335,32 +338,36 @@ class Fit:
     cfg: Config
     session: Session
     run_dir: Path
-    datasets: dict[str, ImageDataset]
+    films: FilmStreams
     model: Classifier  # what is validated, saved and evaluated
     net: nn.Module  # what is trained: the model, DDP-wrapped with several workers
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     criterion: nn.Module
-    train_loader: DataLoader
 
 
 @dataclass
 class EpochResult:
-    row: dict  # the epoch's history row
+    row: dict  # the epoch's history row (on rank 0; the others' rows carry no val numbers)
     improved: bool  # a new lowest selection loss: best.pt is rewritten
     stop_early: bool  # patience ran out
+    read: list[int]  # the training films this rank read
 
 
 def restore(
     run_dir: Path, cfg: Config, session: Session, model, optimizer, scheduler
 ) -> TrainingState:
-    """The loop's state: resumed from the newest readable checkpoint, else a fresh start.
-    Writes started.json (the driver's watchdog sees the worker got its resources; the tests see
-    where a resume came from)."""
+    """The loop's state: resumed from the newest readable checkpoint, else a fresh start. A
+    checkpoint from Ray's storage brings its best.pt along (this node may have none). Writes
+    started.json (the driver's watchdog sees the worker got its resources; the tests see where
+    a resume came from)."""
     state = TrainingState()
     who = cfg.model.arch
-    resume = session.resume_file(run_dir)
-    saved = read_checkpoint(resume[0], say, who) if resume is not None else None
+    resume = session.resume_from(run_dir)
+    saved = read_checkpoint(resume[0] / LAST, say, who) if resume is not None else None
+    if saved is not None and resume[0] != run_dir and (resume[0] / BEST).is_file():
+        shutil.copyfile(resume[0] / BEST, run_dir / f".{BEST}.restored")
+        os.replace(run_dir / f".{BEST}.restored", run_dir / BEST)
     if saved is not None and read_checkpoint(run_dir / BEST, say, who) is None:
         saved = None  # the weights chosen so far are lost: only a fresh start chooses them again
     if saved is not None:
@@ -382,46 +389,44 @@ def restore(
 
 
 def assemble(
-    cfg: Config, session: Session, run_dir: Path, datasets: dict[str, ImageDataset]
+    cfg: Config, session: Session, run_dir: Path, films: FilmStreams
 ) -> tuple[Fit, TrainingState]:
     """Model, optimiser, schedule and loss, resumed from the last checkpoint if there is one."""
     model = make_model(cfg).to(session.device)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    criterion = make_criterion(cfg, datasets["train"].labels, session.device)
+    criterion = make_criterion(cfg, films.sets["train"].label_counts(), session.device)
     state = restore(run_dir, cfg, session, model, optimizer, scheduler)
     fit = Fit(
         cfg=cfg,
         session=session,
         run_dir=run_dir,
-        datasets=datasets,
+        films=films,
         model=model,
         # Wrapped after the resume: DDP starts every rank from the weights rank 0 holds then.
         net=session.distributed(model),
         optimizer=optimizer,
         scheduler=scheduler,
         criterion=criterion,
-        train_loader=loader(datasets["train"], cfg, session, shuffle=True),
     )
     return fit, state
 
 
 def run_epoch(fit: Fit, state: TrainingState) -> EpochResult:
-    """Train one epoch, validate, step the schedule, update early stopping and the history."""
-    cfg, device, datasets = fit.cfg, fit.session.device, fit.datasets
+    """Train one epoch; rank 0 validates (the others wait at the report); step the schedule;
+    update early stopping and the history."""
+    cfg, films = fit.cfg, fit.films
     epoch = state.epoch
     started = time.perf_counter()
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout draws: fixed per epoch
-    datasets["train"].set_epoch(epoch)
-    fit.train_loader.sampler.set_epoch(epoch)
-    stats = train_one_epoch(
-        fit.net, fit.train_loader, fit.optimizer, fit.criterion, cfg, fit.session
-    )
-    val = split_metrics(fit.model, datasets["val"], cfg, device)
-    select = (
-        split_metrics(fit.model, datasets["select"], cfg, device) if "select" in datasets else val
-    )
+    stats, read = train_one_epoch(fit, epoch)
     fit.scheduler.step()
+    if not fit.session.is_main:
+        state.epoch += 1  # rank 0 decides the rest; its report says when to stop
+        return EpochResult({"epoch": epoch + 1, **stats}, False, False, read)
+    device = fit.session.device
+    val = split_metrics(fit.model, films, "val", cfg, device)
+    select = split_metrics(fit.model, films, "select", cfg, device) if "select" in films else val
     improved, stop_early = state.end_epoch(select["loss"], cfg)
     row = {
         "epoch": epoch + 1,
@@ -433,7 +438,7 @@ def run_epoch(fit: Fit, state: TrainingState) -> EpochResult:
     if select is not val:
         row.update(prefixed(select, "select"))
     state.history.append(row)
-    return EpochResult(row, improved, stop_early)
+    return EpochResult(row, improved, stop_early, read)
 
 
 def save_epoch(fit: Fit, state: TrainingState, result: EpochResult) -> Path | None:
@@ -453,12 +458,22 @@ def save_epoch(fit: Fit, state: TrainingState, result: EpochResult) -> Path | No
         model_meta(cfg, model),
     )
     ray_dir = None
-    if fit.session.ray_checkpoints:  # also to Ray's storage_path (shared on a cluster)
-        ray_dir = stage_for_ray(run_dir / LAST, run_dir / RAY_CHECKPOINT, state.epoch)
+    if fit.session.ray_checkpoints:
+        ray_dir = stage_for_ray(run_dir, state.epoch, result.improved)
     atomic_write_json(run_dir / HISTORY, state.history)
     stopped_early = result.stop_early and state.epoch < cfg.train.epochs
     say(epoch_line(row, cfg, result.improved, stopped_early))
     return ray_dir
+
+
+def epoch_report(fit: Fit, state: TrainingState, result: EpochResult) -> dict:
+    """What every rank reports for an epoch: rank 0's numbers, with the selection loss Ray keeps
+    the best checkpoint by, and whether the loop goes on (the other ranks follow rank 0)."""
+    numbers = {k: v for k, v in result.row.items() if isinstance(v, (int, float))}
+    if fit.session.is_main:
+        numbers[SELECTION] = result.row.get("select_loss", result.row.get("val_loss"))
+        numbers["finished"] = int(state.finished)
+    return numbers
 
 
 def epoch_line(row: dict, cfg: Config, improved: bool, stopped_early: bool) -> str:
@@ -478,25 +493,21 @@ def epoch_line(row: dict, cfg: Config, improved: bool, stopped_early: bool) -> s
     return "  ".join(parts) + f"  {row['seconds']:.1f}s{note}"
 
 
-def record_reads(run_dir: Path, session: Session, sampler: EpochShuffle, epoch: int) -> None:
-    """reads-rank{r}.json: which training films this rank reads in the first epoch it runs, and
-    where it runs. With several workers the ranks' parts are disjoint; the file shows it."""
-    node = ""
-    if session.in_ray:
-        import ray
-
-        node = ray.get_runtime_context().get_node_id()
-    sampler.set_epoch(epoch)
+def record_reads(fit: Fit, epoch: int, read: list[int]) -> None:
+    """reads-rank{r}.json: which training films this rank read in the first epoch it ran, and
+    where it ran. With several workers the ranks' parts are disjoint; the file shows it."""
+    session = fit.session
+    node = _node_id(session)
     atomic_write_json(
-        run_dir / f"reads-rank{session.rank}.json",
+        fit.run_dir / f"reads-rank{session.rank}.json",
         {
             "rank": session.rank,
             "world_size": session.world_size,
             "node_id": node,
             "pid": os.getpid(),
             "epoch": epoch + 1,
-            "films": sorted(int(i) for i in sampler),
-            "of": sampler.n,
+            "films": sorted(read),
+            "of": len(fit.films.sets["train"]),
         },
     )
 
@@ -507,9 +518,9 @@ def final_evaluation(fit: Fit) -> dict:
     best = torch.load(fit.run_dir / BEST, map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
     flat, results = evaluate_splits(
-        model, fit.datasets, cfg, fit.session.device, fit.run_dir, best_epoch=best["epoch"]
+        model, fit.films, cfg, fit.session.device, fit.run_dir, best_epoch=best["epoch"]
     )
-    chosen_on = "enhanced val" if "select" in fit.datasets else "val"
+    chosen_on = "enhanced val" if "select" in fit.films else "val"
     say(
         f"[{cfg.model.arch}] best epoch {best['epoch']} (lowest {chosen_on} loss)\n"
         + format_table(results)
@@ -517,10 +528,63 @@ def final_evaluation(fit: Fit) -> dict:
     return flat
 
 
+def localize_best(fit: Fit, spec: dict) -> list[str]:
+    """Where the chosen weights' CAMs look on test (with the CAM panel) and val, with the probe:
+    measured here, where the model and its GPU are (cycle.evaluate.localize), left beside the
+    weights for the evaluation stage. Returns the files written."""
+    cfg, started = fit.cfg, time.perf_counter()
+    records = {s: fit.films.sets[s].records() if s in fit.films else [] for s in ("test", "val")}
+    splits = {
+        "test": (records["test"], panel_records(records["test"], spec["seed"])),
+        "val": (records["val"], ()),
+    }
+    found = localize_splits(
+        fit.run_dir / BEST,
+        splits,
+        cam_method=cfg.cam.method,
+        lung_model_path=spec["lung_model"],
+        seed=spec["seed"],
+        cam_depth=cfg.cam.depth,
+        probe_dilate_px=cfg.enhance.dilate_px,
+    )
+    seconds = time.perf_counter() - started
+    say(
+        f"[{cfg.model.arch}] CAMs, lung masks and the probe on {len(records['test'])} test and "
+        f"{len(records['val'])} val films in {seconds:.1f}s"
+    )
+    names = [name for split, result in found.items() for name in result.save_as(fit.run_dir, split)]
+    # Where it ran: a training worker (its node's GPU), never the driver.
+    atomic_write_json(
+        fit.run_dir / LOCALIZED,
+        {
+            "pid": os.getpid(),
+            "node_id": _node_id(fit.session),
+            "seconds": seconds,
+            "films": len(records["test"]) + len(records["val"]),
+        },
+    )
+    return [*names, LOCALIZED]
+
+
+def _node_id(session: Session) -> str:
+    if not session.in_ray:
+        return ""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def final_files(fit: Fit, localized: list[str]) -> list[str]:
+    """What a stage leaves for the stages after it, handed to Ray with the final report: the
+    driver takes them from Ray's storage when rank 0 ran on a node whose disk it cannot see."""
+    names = [BEST, METRICS, HISTORY, EPOCH_LOG, STARTED, *localized]
+    return names + [predictions(split) for split in EVAL_SPLITS if split in fit.films]
+
+
 def train_func(loop_config: dict) -> None:
     """Ray Train's entry point (also called directly in-process): fit one architecture with
-    the fields of `LoopConfig`, resuming after the last finished epoch. With `train_shards` the
-    model trains on the enhanced films and is still validated and tested on the originals."""
+    the fields of `LoopConfig`, resuming after the last finished epoch. After the baseline the
+    model trains on enhanced films and is still validated and tested on the originals."""
     loop = LoopConfig(**loop_config)
     cfg = Config.model_validate(loop.config)
     quiet_ray_train_logs()
@@ -528,21 +592,45 @@ def train_func(loop_config: dict) -> None:
     if session.in_ray and loop.threads:
         torch.set_num_threads(int(loop.threads))  # workers side by side share the cores
     torch.manual_seed(cfg.seed)
-    datasets = build_datasets(cfg, ScanResult.load(loop.records), loop.train_shards)
-    fit, state = assemble(cfg, session, Path(loop.run_dir), datasets)
-    if not state.finished:
-        record_reads(fit.run_dir, session, fit.train_loader.sampler, state.epoch)
-        for name, ds in datasets.items():
-            ds.preload(label=f"{cfg.model.arch} {name}" if session.is_main else "")
-
+    films = FilmStreams(
+        {k: FilmSet(**v) for k, v in loop.films.items()}, cfg.data, from_ray=session.in_ray
+    )
+    fit, state = assemble(cfg, session, Path(loop.run_dir), films)
+    first = True
     while not state.finished:
         result = run_epoch(fit, state)
+        if first:
+            record_reads(fit, state.epoch - 1, result.read)
+            first = False
         ray_dir = save_epoch(fit, state, result) if session.is_main else None
-        numbers = {k: v for k, v in result.row.items() if isinstance(v, (int, float))}
-        session.report(numbers, ray_dir)
+        report = epoch_report(fit, state, result)
+        session.report(report, ray_dir)
+        state.finished = _finished_everywhere(session, state.finished)
 
     final = final_evaluation(fit) if session.is_main else {}
-    session.report({"final": 1, **final})
+    localized = localize_best(fit, loop.localize) if session.is_main and loop.localize else []
+    # What this worker held at its peak (bench/scale_bench.py reads it: memory must not grow with
+    # the data set).
+    atomic_write_json(
+        fit.run_dir / f"worker-rank{session.rank}.json",
+        {"pid": os.getpid(), "node_id": _node_id(session), "peak_rss_mb": peak_rss_mb()},
+    )
+    final_dir = None
+    if session.is_main and session.ray_checkpoints:
+        final_dir = stage_files(fit.run_dir / RAY_FINAL, fit.run_dir, final_files(fit, localized))
+    session.report({"final": 1, SELECTION: state.best_val_loss, **final}, final_dir)
+
+
+def _finished_everywhere(session: Session, finished: bool) -> bool:
+    """Rank 0 decides when training ends (early stopping reads its val loss); with DDP the other
+    ranks learn it here, so that all stop after the same epoch."""
+    if not (session.in_ray and session.world_size > 1):
+        return finished
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(finished)], dtype=torch.int64, device=session.device)
+    dist.broadcast(flag, src=0)  # on the backend's device: NCCL takes CUDA tensors only
+    return bool(flag.item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,21 +652,28 @@ def run_training(
     name: str,
     train_shards: Path | None = None,
     threads: int | None = None,
+    localize: dict | None = None,
 ) -> dict:
     """Fit one architecture with Ray Train (num_workers=0: in this process). Returns metrics.json.
     Safe to call from several threads at once: each call is its own TorchTrainer. `threads` caps
-    each worker's torch threads (trainers sharing a machine); None leaves torch's default."""
+    each worker's torch threads (trainers sharing a machine); None leaves torch's default.
+    `localize` (LoopConfig's): also measure the chosen weights' CAMs where they trained."""
     run_dir.mkdir(parents=True, exist_ok=True)
     workers = cfg.resources.num_workers
+    sets = film_sets(
+        str(Path(records_path).resolve()),
+        str(Path(train_shards).resolve()) if train_shards else None,
+        cfg.seed,
+    )
     # Every path absolute: a Ray Train worker runs in a folder of its own.
     loop = LoopConfig(
         config=cfg.with_absolute_paths().model_dump(mode="json"),
-        records=str(Path(records_path).resolve()),
+        films={name: films.to_dict() for name, films in sets.items()},
         run_dir=str(run_dir.resolve()),
         ray_checkpoints=workers > 0,
-        train_shards=str(Path(train_shards).resolve()) if train_shards else None,
         threads=threads,
         in_process=workers == 0,
+        localize=localize,
     )
     if workers == 0:
         # In this process, on whatever device it has: the same loop without a Train controller
@@ -586,12 +681,14 @@ def run_training(
         train_func(asdict(loop))
         return json.loads((run_dir / METRICS).read_text())["flat"]
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
+    preprocess = preprocess_from_config(cfg.data)
     (run_dir / STARTED).unlink(missing_ok=True)
     trainer = TorchTrainer(
         train_func,
@@ -599,20 +696,41 @@ def run_training(
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
+        # Each set's rows from Ray Data (decoded by the worker, or by Ray Data tasks across the
+        # cluster); train split between the workers, the rest read by rank 0. In order: the same
+        # seed gives the same answer.
+        datasets={
+            name: films.ray_dataset(
+                preprocess,
+                cfg.data.max_image_pixels,
+                cfg.data.ingest_tasks,
+                decode=cfg.data.decode == "ray_data",
+            )
+            for name, films in sets.items()
+        },
+        # One worker reads train whole, in its own process (no split coordinator to start).
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if workers > 1 else [],
+            execution_options=ExecutionOptions(preserve_order=True),
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=cfg.storage_path(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # The best epoch's checkpoint by the selection loss, and always the newest.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=SELECTION,
+                checkpoint_score_order="min",
+            ),
         ),
     )
     with _TRAINERS.watch(name, run_dir, cfg, use_gpu):
         result = trainer.fit()
-    metrics_file = run_dir / METRICS
-    if metrics_file.is_file():
-        return json.loads(metrics_file.read_text())["flat"]
-    # Rank 0 ran on another node: its final report carries the metrics.
-    return {k: v for k, v in result.metrics.items() if k != "final"}
+    if not (run_dir / METRICS).is_file():
+        # Rank 0 ran on a node whose disk this one cannot see: the stage's files from storage.
+        result.checkpoint.to_directory(str(run_dir))
+    return json.loads((run_dir / METRICS).read_text())["flat"]
 
 
 class _TrainerWatch:

@@ -22,7 +22,7 @@ from cycle.data.shards import MANIFEST
 from cycle.layout import SAMPLES
 from cycle.model_refs import checkpoint_into, ref_name
 from cycle.ray_session import init_ray
-from cycle.shard_builder import EnhanceWorker, build_shards, sample_picture
+from cycle.shard_builder import build_shards, sample_picture
 from cycle.store import tracking_uri
 from cycle.tracking.tracker import Tracker
 
@@ -83,14 +83,14 @@ def main() -> None:
     )
     samples = out / SAMPLES
     if not samples.is_file() or samples.stat().st_mtime < (out / MANIFEST).stat().st_mtime:
-        worker = EnhanceWorker.from_config(args.model, args.lung_model, cfg)
-        sample_picture(cfg, train, worker, samples)
+        sample_picture(out, samples)  # from the rows that carry the sample films
     with Tracker(cfg, run_name=f"shards-{out.name}", tags={"stage": "shards"}) as tracker:
         tracker.log_config()
         counts = manifest["counts"]
         tracker.log_metrics({f"shards_{k}": v for k, v in counts.items() if isinstance(v, int)})
         tracker.log_artifact(out / MANIFEST)
-        tracker.log_artifact(samples)
+        if samples.is_file():  # none when no sample film was readable
+            tracker.log_artifact(samples)
     print(
         f"in {counts['in']}, written {counts['written']}, skipped {counts['skipped']}, "
         f"untrusted (kept by fallback) {counts['untrusted_written']}"

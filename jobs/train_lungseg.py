@@ -4,13 +4,15 @@
 
 DIR is a lung-mask data set: Montgomery (CXR_png + ManualMask/leftMask, rightMask), Shenzhen or
 any images/ + masks/ pair of folders, JSRT/SCR ('left lung', 'right lung' mask folders). Without
---data it trains on the phantom lung masks. Rerunning with the same run name resumes.
+--data it trains on the phantom lung masks, on one Ray Train worker (resources.num_workers=0:
+in this process). Rerunning with the same run name resumes.
 The weights go to OUTPUT_DIR/lungseg/RUN/best.pt: pass them to the cycle as lungseg.weights=...
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,7 +21,8 @@ import _common
 from cycle.data.prepare import data_root
 from cycle.data.records import DataError
 from cycle.lungseg.data import LungDataError, find_pairs
-from cycle.lungseg.train import BEST, summary_line, train_lungseg
+from cycle.lungseg.train import BEST, HISTORY, fit_lungseg, summary_line
+from cycle.ray_session import init_ray
 from cycle.tracking.tracker import Tracker
 
 
@@ -54,7 +57,12 @@ def main() -> None:
         cfg, run_name=f"lungseg-{name}", tags={"stage": "lungseg", "layout": layout}
     ) as tracker:
         tracker.log_config()
-        metrics = train_lungseg(cfg, pairs, out, tracker=tracker)
+        on_ray = cfg.resources.num_workers > 0  # a Ray Train worker, with the classifiers' GPUs
+        if on_ray:
+            init_ray(cfg)
+        metrics = fit_lungseg(cfg, pairs, out, on_ray=on_ray)
+        for row in json.loads((out / HISTORY).read_text()):
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         tracker.log_artifact(out / "masks_pred_vs_true.png")
         tracker.log_artifact(out / BEST, "weights")

@@ -43,10 +43,39 @@ CALLERS_ENVIRONMENT = (
     "CYCLE_KILL_AT",
     "CYCLE_HOLD_AT",
     "CYCLE_HOLD_FILE",
+    "CYCLE_RELEASE_FILE",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
 )
-# And one of the suite's own: a local `ray.init()` turns token auth on and, finding no token,
-# writes one to ~/.ray/auth_token; with this one in the environment it writes nothing there.
-SUITE_ENVIRONMENT = {"RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The suite's S3: moto's server on loopback (the `s3` fixture starts it on this port when a test
+# needs it). Named here, before any Ray starts, so every Ray worker and job has it too.
+S3_ENDPOINT = f"http://127.0.0.1:{_unused_port()}"
+# And the suite's own: a local `ray.init()` turns token auth on and, finding no token, writes one
+# to ~/.ray/auth_token; with this one in the environment it writes nothing there. The S3 API
+# that pyarrow (Ray's storage), boto3 and MLflow's artifact client talk to is the suite's own,
+# with its made-up keys: no test can reach a real bucket.
+SUITE_ENVIRONMENT = {
+    "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    "AWS_ENDPOINT_URL": S3_ENDPOINT,
+    "MLFLOW_S3_ENDPOINT_URL": S3_ENDPOINT,
+    "AWS_ACCESS_KEY_ID": "suite",
+    "AWS_SECRET_ACCESS_KEY": "suite",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-profile lookups on a laptop
+}
 
 
 def _suite_environment() -> None:
@@ -273,12 +302,24 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
-    """`jobs/mlflow_server.sh` on loopback with its store under `root`; returns once it answers."""
+def start_mlflow_server(
+    root: Path, port: int, log: Path, artifacts: str | None = None
+) -> subprocess.Popen:
+    """`jobs/mlflow_server.sh` on loopback with its store under `root` (its artifacts there too,
+    or at `artifacts`, an s3:// URI of the suite's S3); returns once it answers."""
     env = {**os.environ, "MLFLOW_SERVER_ROOT": str(root)}
+    where = ["--artifacts", artifacts] if artifacts else []
     server = subprocess.Popen(
         # One worker: each of MLflow's default four loads MLflow (seconds of CPU on 2 cores).
-        ["bash", str(ROOT / "jobs" / "mlflow_server.sh"), "--port", str(port), "--workers", "1"],
+        [
+            "bash",
+            str(ROOT / "jobs" / "mlflow_server.sh"),
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            *where,
+        ],
         cwd=root.parent,
         env=env,
         start_new_session=True,
@@ -287,6 +328,47 @@ def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
     )
     wait_for(f"http://127.0.0.1:{port}/health", server)
     return server
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server at S3_ENDPOINT for the session (a real S3 API over HTTP, in a process of
+    its own), and a function that makes a new empty bucket and returns its name."""
+    import boto3
+
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    port = S3_ENDPOINT.rsplit(":", 1)[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+        start_new_session=True,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(S3_ENDPOINT, timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"moto's S3 server did not start; see {log}") from None
+            time.sleep(0.3)
+    client = boto3.client("s3", endpoint_url=S3_ENDPOINT)
+    made = []
+
+    def bucket(name: str) -> str:
+        name = f"{name}-{len(made)}"
+        client.create_bucket(Bucket=name)
+        made.append(name)
+        return name
+
+    bucket.client = client
+    try:
+        yield bucket
+    finally:
+        stop(server)
 
 
 @pytest.fixture()

@@ -7,11 +7,17 @@ them; where things ran is read from Ray's state API.
   (a) its two architectures train side by side, each trainer's worker on a different node;
   (b) one architecture with two Ray Train workers: DDP (gloo) across the two nodes;
   (c) a worker node SIGKILLed mid-epoch and started again: the run resumes from Ray's storage;
-  (e) a sweep whose two trials run on the two nodes at once.
+  (e) a sweep whose two trials run on the two nodes at once;
+  (f) a node that joins while the shard build runs gets shard actors, and writes shards.
 
-Each trainer asks for 2 CPUs, all a worker node has, so two trainers (or trials) at once must be
-on two nodes. The jobs share one output_dir, and reuse the phantoms and lung U-Net of the session's
-smoke run (`smoke_assets`), as they would reuse those the first job on a cluster made."""
+Where the work that grows with the films ran is read from the files that say it (the CAMs and the
+probe of each trainer's chosen weights: localized.json; each shard file: the manifest) and from
+Ray's state API: on the worker nodes, never in the driver on the head.
+
+Each trainer asks for 1.5 CPUs of a worker node's 2, so two trainers (or trials) at once must be
+on two nodes, and each node keeps room for the Ray Data tasks that read and decode its films.
+The jobs share one output_dir, and reuse the phantoms and lung U-Net of the session's smoke run
+(`smoke_assets`), as they would reuse those the first job on a cluster made."""
 
 import json
 import math
@@ -23,9 +29,9 @@ from local_cluster import LocalCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-# Each trainer (or trial) takes a whole 2-CPU worker node.
-ONE_NODE_EACH = ["--set", "resources.cpus_per_worker=2"]
-REQUEST = "Requesting resources: {'CPU': 2.0} * 1"  # a Ray Train controller asking for a worker
+# Each trainer takes most of a 2-CPU worker node: two cannot share one.
+ONE_NODE_EACH = ["--set", "resources.cpus_per_worker=1.5"]
+REQUEST = "Requesting resources: {'CPU': 1.5} * 1"  # a Ray Train controller asking for a worker
 
 
 def cycle_job(out: Path, assets: list[str], run: str, *sets: str) -> list[str]:
@@ -110,7 +116,7 @@ def from_zero(cluster, out, smoke_assets):
 def test_d_a_job_submitted_before_any_worker_node_waits_then_runs(from_zero, out):
     assert from_zero["waiting"] == "RUNNING"
     # It had asked for its trainers and none had started: nothing in the cluster had a CPU.
-    assert "Requesting resources: {'CPU': 2.0}" in from_zero["waiting_logs"]
+    assert REQUEST in from_zero["waiting_logs"]
     assert "training done" not in from_zero["waiting_logs"]
     assert from_zero["status"] == "SUCCEEDED", from_zero["logs"][-5000:]
     assert (out / "from-zero" / "report.md").is_file()
@@ -128,7 +134,17 @@ def test_a_two_architectures_train_side_by_side_on_two_nodes(from_zero, cluster,
             node = cluster.node_of(reads["pid"], "RayTrainWorker")  # Ray's state API
             assert node == reads["node_id"]
             nodes[arch] = cluster.name_of(node)
+            # The CAMs, lung masks and probe of its chosen weights: measured by the same worker.
+            localized = read_json(train_dir(out, "from-zero", k, arch) / "localized.json")
+            assert (localized["pid"], localized["node_id"]) == (reads["pid"], node)
         assert sorted(nodes.values()) == ["w1", "w2"], f"cycle {k}: {nodes}"
+    # Cycle 1's shards were written by Ray Data actors on the worker nodes, none on the head.
+    for arch in ("tinyvgg", "resnet18"):
+        manifest = read_json(
+            out / "from-zero" / "cycle_1" / arch / "shards" / "data" / "manifest.json"
+        )
+        writers = {cluster.name_of(shard["node_id"]) for shard in manifest["shards"]}
+        assert writers and writers <= {"w1", "w2"}, writers
 
 
 def test_b_ddp_across_two_nodes_reads_disjoint_data(from_zero, cluster, out, smoke_assets):
@@ -253,3 +269,70 @@ def test_e_a_sweep_runs_two_trials_on_two_nodes_at_once(
     (node_a, start_a, end_a), (node_b, start_b, end_b) = spans
     assert {node_a, node_b} == {"w1", "w2"}, spans
     assert start_a < end_b and start_b < end_a, f"the trials did not overlap: {spans}"
+
+
+def test_f_a_node_that_joins_during_the_shard_build_gets_actors(
+    cluster, out, tmp_path, smoke_run, smoke_assets
+):
+    """Every shard actor holds at its first batch (CYCLE_RELEASE_FILE) so the pool is busy with
+    films still queued; a node joins; Ray Data starts actors on it (the state API shows them),
+    and once released they write part of the build (the manifest names their node)."""
+    if not [n for n in cluster.nodes if n != "head"]:
+        cluster.add_workers("w1")  # this test alone: the build starts on one node
+    smoke_out = smoke_run[0]
+    (classifier,) = (smoke_out / "smoke" / "cycle_0" / "tinyvgg" / "train").glob("best.pt")
+    (lung_model,) = (smoke_out / "lungseg").glob("*/best.pt")
+    held, release = tmp_path / "held", tmp_path / "release"
+    shards = out / "grow" / "shards"
+    cluster.submit(
+        "grow",
+        [
+            "python",
+            "jobs/build_shards.py",
+            "--config",
+            "configs/smoke.yaml",
+            "--set",
+            "tracking.enabled=false",
+            "--set",
+            "cam.batch_size=4",  # many batches: films stay queued while the actors hold
+            *smoke_assets,
+            "--model",
+            str(classifier),
+            "--lung-model",
+            str(lung_model),
+            "--out",
+            str(shards),
+        ],
+        env_vars={
+            "CYCLE_HOLD_AT": "shards:batch",
+            "CYCLE_HOLD_FILE": str(held),
+            "CYCLE_RELEASE_FILE": str(release),
+        },
+    )
+    wait_until("the shard actors hold", lambda: held.is_file() and held.read_text(), 600)
+    before = {cluster.name_of(a["node_id"]) for a in shard_actors(cluster)}
+    cluster.add_workers("w3")
+    try:
+        wait_until(
+            "a shard actor on the node that joined",
+            lambda: "w3" in {cluster.name_of(a["node_id"]) for a in shard_actors(cluster)},
+            timeout=300,
+        )
+    finally:
+        release.write_text("go")
+    status, logs = cluster.wait("grow")
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert "w3" not in before and "as nodes join" in logs
+    manifest = read_json(shards / "manifest.json")
+    writers = {cluster.name_of(shard["node_id"]) for shard in manifest["shards"]}
+    assert "w3" in writers and "head" not in writers, writers
+    cluster.kill("w3")
+
+
+def shard_actors(cluster) -> list[dict]:
+    """The live Ray Data actors that hold the models and write the shards."""
+    return [
+        a
+        for a in cluster.actors()
+        if "ShardWriter" in a["class_name"] and a["state"] == "ALIVE" and a["node_id"]
+    ]

@@ -2,12 +2,14 @@
 
 A build writes into `<dir>.partial-<id>/` and is renamed to `<dir>/` only when every shard and
 the manifest are complete, so a reader never sees half a build. The manifest holds the build key
-(config hash + model checkpoints' hashes + inputs), counts (in = written + skipped), the skip
-reasons, per-shard row counts and sha256 checksums; reading verifies them.
+(config hash + model checkpoints' hashes + inputs), counts (in = written + skipped, ok rows per
+split and label), the skip reasons, and per shard its rows, size, sha256 and the run of the
+build's order it holds; reading verifies them.
 
-Row schema: image (PNG bytes of the enhanced film, R x R), label, split, path, patient,
-prob_pneumonia, cam_mean, cam_peak_y, cam_peak_x, lung_share, trusted, donor, status, reason.
-Only rows with status == "ok" are training data; the others record what was skipped and why.
+Row schema: position (the film's place in the build's seeded order), image (PNG bytes of the
+enhanced film, R x R), label, split, path, patient, prob_pneumonia, cam_mean, cam_peak_y,
+cam_peak_x, lung_share, trusted, donor, status, reason. Only rows with status == "ok" are
+training data; the others record what was skipped and why. `cycle.data.films` reads them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from cycle.data.records import Record
 from cycle.io import atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -41,44 +42,85 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(tmp_dir: Path, build_key: str, n_in: int, extra: dict) -> dict:
-    """Count what the shards in `tmp_dir` hold and write the manifest (last file of a build)."""
-    shards, statuses, reasons, untrusted = [], Counter(), Counter(), 0
-    for path in sorted(tmp_dir.glob("*.parquet")):
-        table = pq.read_table(path, columns=["status", "reason", "trusted"])
-        status = table.column("status").to_pylist()
-        statuses.update(status)
-        reasons.update(r for s, r in zip(status, table.column("reason").to_pylist()) if s != OK)
-        untrusted += sum(
-            1 for s, t in zip(status, table.column("trusted").to_pylist()) if s == OK and not t
-        )
-        shards.append(
-            {
-                "file": path.name,
-                "rows": table.num_rows,
-                "ok_rows": status.count(OK),
-                "sha256": file_sha256(path),
-            }
-        )
+def summarize_part(path: str | Path) -> dict:
+    """What the manifest says of one shard file: rows, ok rows, sha256, the first and last
+    position in the build's order and whether its rows run in that order, statuses, reasons,
+    untrusted ok rows, ok rows per (split, label). Reads one file: the builder runs it where the
+    file was written (a Ray task), not in the driver."""
+    path = Path(path)
+    table = pq.read_table(
+        path, columns=["position", "status", "reason", "trusted", "split", "label"]
+    )
+    rows = {name: table.column(name).to_pylist() for name in table.column_names}
+    position, status = rows["position"], rows["status"]
+    ok = [s == OK for s in status]
+    by_split_label: dict[str, Counter] = {}
+    for is_ok, split, label in zip(ok, rows["split"], rows["label"]):
+        if is_ok:
+            by_split_label.setdefault(split, Counter())[str(label)] += 1
+    return {
+        "file": path.name,
+        "rows": table.num_rows,
+        "ok_rows": sum(ok),
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "first": min(position, default=-1),
+        "last": max(position, default=-1),
+        "in_order": all(b == a + 1 for a, b in zip(position, position[1:])),
+        "statuses": dict(Counter(status)),
+        "reasons": dict(Counter(r for s, r in zip(status, rows["reason"]) if s != OK)),
+        "untrusted": sum(1 for o, t in zip(ok, rows["trusted"]) if o and not t),
+        "by_split_label": {k: dict(v) for k, v in by_split_label.items()},
+    }
+
+
+SHARD_FIELDS = ("file", "rows", "ok_rows", "bytes", "sha256", "first", "last")
+
+
+def write_manifest(
+    tmp_dir: Path, build_key: str, n_in: int, extra: dict, parts: list[dict]
+) -> dict:
+    """The manifest of the shard files in `tmp_dir` from their summaries (`summarize_part`), the
+    last file of a build. The files, in the order of their first position, must hold every input
+    exactly once, each a contiguous run of the build's order: readers then read the build's rows
+    in that order by reading the files in the manifest's order."""
+    parts = sorted(parts, key=lambda p: p["first"])
+    expected = 0
+    for part in parts:
+        if not part["in_order"] or part["first"] != expected:
+            raise ShardError(
+                f"shard file {part['file']} does not continue the build's order at row "
+                f"{expected} (it holds rows {part['first']}..{part['last']}): the build is not "
+                "readable in order"
+            )
+        expected = part["last"] + 1
+    statuses, reasons, by_split_label = Counter(), Counter(), {}
+    for part in parts:
+        statuses.update(part["statuses"])
+        reasons.update(part["reasons"])
+        for split, labels in part["by_split_label"].items():
+            by_split_label.setdefault(split, Counter()).update(labels)
     written = statuses.get(OK, 0)
     skipped = sum(v for k, v in statuses.items() if k != OK)
+    if written + skipped != n_in or expected != n_in:
+        raise ShardError(
+            f"shard rows ({written} written + {skipped} skipped) do not add up to {n_in} inputs"
+        )
     manifest = {
         "build_key": build_key,
         "counts": {
             "in": n_in,
             "written": written,
             "skipped": skipped,
-            "untrusted_written": untrusted,
+            "untrusted_written": sum(p["untrusted"] for p in parts),
             "by_status": dict(statuses),
+            "by_split_label": {k: dict(v) for k, v in sorted(by_split_label.items())},
         },
         "skip_reasons": dict(reasons),
-        "shards": shards,
+        # Each file, and where it was written (node_id, pid: the Ray node and the process).
+        "shards": [{k: p[k] for k in (*SHARD_FIELDS, "node_id", "pid") if k in p} for p in parts],
         **extra,
     }
-    if written + skipped != n_in:
-        raise ShardError(
-            f"shard rows ({written} written + {skipped} skipped) do not add up to {n_in} inputs"
-        )
     atomic_write_json(tmp_dir / MANIFEST, manifest)
     return manifest
 
@@ -108,6 +150,10 @@ def read_manifest(shard_dir: str | Path, verify: bool = True) -> dict:
         file = shard_dir / shard["file"]
         if not file.is_file():
             raise ShardError(f"shard {file} listed in the manifest is missing")
+        if file.stat().st_size != shard.get("bytes", file.stat().st_size):
+            raise ShardError(
+                f"shard {file} is not the size its manifest says (truncated or changed)"
+            )
         if verify and file_sha256(file) != shard["sha256"]:
             raise ShardError(
                 f"shard {file} does not match its manifest checksum (corrupted or changed)"
@@ -125,42 +171,3 @@ def decode_png(data: bytes) -> np.ndarray:
     if image is None:
         raise ShardError("a shard row holds bytes that are not a PNG")
     return image
-
-
-def load_shards(
-    shard_dir: str | Path, verify: bool = True
-) -> tuple[list[Record], list[np.ndarray], list[dict]]:
-    """In-process read: (records, enhanced films uint8 R x R, per-row stats) of the ok rows."""
-    records, films, stats = [], [], []
-    for file in shard_files(shard_dir, verify):
-        table = pq.read_table(file).to_pylist()
-        for row in table:
-            if row["status"] != OK:
-                continue
-            records.append(Record(row["path"], int(row["label"]), row["split"], row["patient"]))
-            films.append(decode_png(row["image"]))
-            stats.append(
-                {
-                    k: row[k]
-                    for k in ("prob_pneumonia", "lung_share", "trusted", "donor", "cam_mean")
-                }
-            )
-    # Rows in a fixed order (Ray Data writes shards in whatever order its tasks finish), so the
-    # sampler's seeded permutation picks the same films however the build was batched.
-    order = sorted(range(len(records)), key=lambda i: (records[i].split, records[i].path))
-    return [records[i] for i in order], [films[i] for i in order], [stats[i] for i in order]
-
-
-def read_shards_ray(shard_dir: str | Path, verify: bool = True):
-    """A Ray Dataset of the ok rows with `image` (uint8 R x R) and `label`: feed it to Ray Train
-    (`datasets={"train": ...}`, then `ray.train.get_dataset_shard("train")` in the loop)."""
-    import ray.data
-    from ray.data.expressions import col
-
-    def decode(batch: dict) -> dict:
-        return {"image": np.stack([decode_png(b) for b in batch["image"]]), "label": batch["label"]}
-
-    ds = ray.data.read_parquet(shard_files(shard_dir, verify)).select_columns(
-        ["image", "label", "status"]
-    )
-    return ds.filter(expr=col("status") == OK).map_batches(decode, batch_format="numpy")

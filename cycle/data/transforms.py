@@ -10,11 +10,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch loads where tensors are made: decode tasks never need it
+    import torch
 
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
@@ -150,6 +153,8 @@ class Preprocess:
         return resized[off : off + self.size, off : off + self.size]
 
     def normalise(self, crop: np.ndarray) -> torch.Tensor:
+        import torch
+
         tensor = torch.from_numpy(np.ascontiguousarray(crop)).float().div_(255.0)
         return tensor.sub_(self.mean).div_(self.std).unsqueeze(0)
 

@@ -7,10 +7,13 @@ Read top to bottom: pairs -> arrays (loaded once) -> model -> resume -> epochs -
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -19,6 +22,7 @@ import torch
 
 from cycle.checkpoint import read_checkpoint, restore_training_state, save_training_state
 from cycle.config import PHANTOM_LUNG_MODEL, Config, config_hash
+from cycle.console import say
 from cycle.data.prepare import data_root
 from cycle.data.records import Skipped
 from cycle.data.transforms import Augment, ImageLoadError
@@ -36,8 +40,12 @@ from cycle.lungseg.masks import (
     save_lung_model,
 )
 from cycle.lungseg.unet import DEFAULT_CHANNELS, build_unet
+from cycle.ray_checkpoints import stage_files
+from cycle.resources import decide_gpu, trainer_request, waiting_message
+from cycle.watchdog import Watchdog
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, HISTORY, STARTED = "last.pt", "best.pt", "history.json", "started.json"
+RESULT_FILES = (BEST, HISTORY, "metrics.json", "masks_pred_vs_true.png", "skipped.json")
 
 
 class LungModelMissing(RuntimeError):
@@ -82,9 +90,11 @@ def _tensor(films: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def _val_scores(model, films: np.ndarray, masks: np.ndarray, batch: int) -> tuple[float, float]:
     model.eval()
+    device = next(model.parameters()).device
     dices, ious = [], []
     for start in range(0, len(films), batch):
-        pred = model(_tensor(films[start : start + batch])).argmax(dim=1).numpy().astype(bool)
+        x = _tensor(films[start : start + batch]).to(device)
+        pred = model(x).argmax(dim=1).cpu().numpy().astype(bool)
         for p, t in zip(pred, masks[start : start + batch]):
             d, i = dice_iou(p, t)
             dices.append(d)
@@ -93,11 +103,19 @@ def _val_scores(model, films: np.ndarray, masks: np.ndarray, batch: int) -> tupl
 
 
 def train_lungseg(
-    cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, tracker=None, log=print
+    cfg: Config,
+    pairs: Sequence[Pair],
+    out_dir: str | Path,
+    tracker=None,
+    log=print,
+    device: torch.device | None = None,
 ) -> dict:
-    """Train (or resume) in `out_dir`; returns the test metrics, also written to metrics.json."""
+    """Train (or resume) in `out_dir` on `device` (default: this process's GPU, else its CPU);
+    returns the test metrics, also written to metrics.json; history.json grows by an epoch at a
+    time."""
     from monai.losses import DiceCELoss
 
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size, lcfg = cfg.lungseg.image_size, cfg.lungseg
@@ -110,7 +128,7 @@ def train_lungseg(
     skipped += skipped_val
 
     torch.manual_seed(cfg.seed)
-    model = build_unet(DEFAULT_CHANNELS, num_res_units=2)
+    model = build_unet(DEFAULT_CHANNELS, num_res_units=2).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=lcfg.epochs)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -142,6 +160,7 @@ def train_lungseg(
         save_training_state(
             out_dir / LAST, model, optimizer, scheduler, state, lung_model_meta(size)
         )
+        atomic_write_json(out_dir / HISTORY, state["history"])
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         log(
@@ -166,6 +185,7 @@ def _train_epoch(
     """One pass over the training pairs in a seeded order, each pair augmented by its own seeded
     draw; returns the mean loss."""
     model.train()
+    device = next(model.parameters()).device
     order = np.random.default_rng([cfg.seed, epoch, 11]).permutation(len(films))
     total = 0.0
     for start in range(0, len(order), cfg.lungseg.batch_size):
@@ -174,8 +194,8 @@ def _train_epoch(
             AUGMENT.pair(films[i], masks[i], np.random.default_rng([cfg.seed, epoch, int(i)]))
             for i in idx
         ]
-        x = _tensor(np.stack([b[0] for b in batch]))
-        y = torch.from_numpy(np.stack([b[1] for b in batch])).long().unsqueeze(1)
+        x = _tensor(np.stack([b[0] for b in batch])).to(device)
+        y = torch.from_numpy(np.stack([b[1] for b in batch])).long().unsqueeze(1).to(device)
         loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -221,6 +241,90 @@ def evaluate_lungseg(
 
 
 # ---------------------------------------------------------------------------------------------
+# On a Ray Train worker
+
+
+def lungseg_train_func(config: dict) -> None:
+    """Ray Train's entry point for the U-Net: `train_lungseg` on the worker's device."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(config["config"])
+    # Alone on its node when a job starts (nothing else trains then): every core of it, not the
+    # one thread Ray gives a 1-CPU worker.
+    torch.set_num_threads(os.cpu_count() or 1)
+    pairs = [Pair(p["image"], tuple(p["masks"]), p["split"], p["group"]) for p in config["pairs"]]
+    out_dir = Path(config["out_dir"])
+    atomic_write_json(out_dir / STARTED, {"pid": os.getpid(), "time": time.time()})
+    metrics = train_lungseg(cfg, pairs, out_dir, log=say, device=ray.train.torch.get_device())
+    # What the driver needs, as Ray's checkpoint: the worker may be on a node whose disk the
+    # driver cannot see.
+    handed = [n for n in RESULT_FILES if (out_dir / n).is_file()]
+    final = stage_files(out_dir / "ray_final", out_dir, handed)
+    ray.train.report(
+        {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        checkpoint=ray.train.Checkpoint.from_directory(str(final)),
+    )
+
+
+def fit_lungseg(
+    cfg: Config, pairs: Sequence[Pair], out_dir: str | Path, log=print, on_ray: bool = False
+) -> dict:
+    """`train_lungseg` here, or (`on_ray`, Ray already joined) on one Ray Train worker with the
+    classifiers' resources: resources.cpus_per_worker, a GPU by resources.use_gpu (`true` waits
+    for GPU nodes). A worker that never gets them is said and stopped after
+    resources.stall_timeout_s. Resumes from out_dir's last.pt either way."""
+    if not on_ray:
+        return train_lungseg(cfg, pairs, out_dir, log=log)
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r = cfg.resources
+    use_gpu = decide_gpu(r.use_gpu, ray.cluster_resources())[0]
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        lungseg_train_func,
+        train_loop_config={
+            "config": cfg.with_absolute_paths().model_dump(mode="json"),
+            "pairs": [asdict(p) for p in pairs],
+            "out_dir": str(out_dir),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"lungseg-{out_dir.name}",
+            storage_path=cfg.storage_path(),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+        ),
+    )
+    (out_dir / STARTED).unlink(missing_ok=True)
+
+    def describe(waited: float) -> str:
+        return waiting_message(
+            "training the lung U-Net (1 Ray Train worker)",
+            waited,
+            trainer_request(1, r.cpus_per_worker, r.gpus_per_worker, use_gpu),
+            ray.cluster_resources(),
+            ray.available_resources(),
+            "give the cluster what one worker asks for, or train it in the driver "
+            "(resources.num_workers=0)",
+        )
+
+    def not_started() -> bool:
+        return not (out_dir / STARTED).is_file()
+
+    with Watchdog("train the lung U-Net", r.stall_timeout_s, describe, stalled=not_started):
+        result = trainer.fit()
+    if not (out_dir / "metrics.json").is_file() and result.checkpoint is not None:
+        result.checkpoint.to_directory(str(out_dir))  # trained on another node
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
 # The lung model the cycle uses
 
 
@@ -229,9 +333,10 @@ def lung_model_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "lungseg" / config_hash(cfg, "lungseg", "data", "seed")
 
 
-def ensure_lung_model(cfg: Config, log=print) -> Path:
+def ensure_lung_model(cfg: Config, log=print, on_ray=None) -> Path:
     """The configured lung model, or (phantoms, or lungseg.weights=phantom) the U-Net trained
-    once on the phantoms' lung masks and reused."""
+    once on the phantoms' lung masks and reused. `on_ray`: a callable that joins Ray; where a
+    model must be trained, it is called and the U-Net trains on a Ray Train worker."""
     if cfg.lungseg.weights == PHANTOM_LUNG_MODEL:
         if cfg.data.root is not None:
             log(
@@ -241,7 +346,7 @@ def ensure_lung_model(cfg: Config, log=print) -> Path:
             )
         # The same cached model as a phantom run of these settings.
         return ensure_lung_model(
-            cfg.with_overrides({"data.root": None, "lungseg.weights": None}), log=log
+            cfg.with_overrides({"data.root": None, "lungseg.weights": None}), log=log, on_ray=on_ray
         )
     if cfg.lungseg.weights:
         path = Path(cfg.lungseg.weights)
@@ -271,7 +376,9 @@ def ensure_lung_model(cfg: Config, log=print) -> Path:
                 seed=cfg.seed,
                 cache_dir=Path(cfg.output_dir) / "cache",
             )
-            train_lungseg(cfg, pairs, out, log=log)
+            if on_ray is not None:
+                on_ray()
+            fit_lungseg(cfg, pairs, out, log=log, on_ray=on_ray is not None)
     return out / BEST
 
 

@@ -54,10 +54,19 @@ def child_run_name(k: int, arch: str) -> str:
 def child_run(job: Tracker, cfg: Config, layout: RunLayout, k: int, arch: str) -> SavedRun:
     """The (cycle, arch) run nested in the job's run, kept in the evaluate stage's
     mlflow_run.json: created when its training starts (`LiveCurves`), completed once the stage is
-    evaluated (`track_cycle`), reopened by a resumed job, never made twice."""
+    evaluated (`track_cycle`), reopened by a resumed job, never made twice: a run the store
+    holds but the record does not (the server went away between making it and answering) is
+    found by its tags and taken up."""
+    record = layout.evaluate(k, arch) / MLFLOW_RUN
+    known = json.loads(record.read_text()) if record.is_file() else {}
+    if job.active and known.get("parent") != job.run_id:
+        found = _existing_child(job, k, arch)
+        if found:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(record, {"run_id": found, "parent": job.run_id, "complete": False})
     return SavedRun(
         cfg,
-        layout.evaluate(k, arch) / MLFLOW_RUN,
+        record,
         child_run_name(k, arch),
         belongs={"parent": job.run_id},
         config=stage_config(cfg, layout, k, arch),
@@ -65,6 +74,24 @@ def child_run(job: Tracker, cfg: Config, layout: RunLayout, k: int, arch: str) -
         nested=True,
         tags={"cycle": str(k), "arch": arch, "job_run": layout.name},
     )
+
+
+def _existing_child(job: Tracker, k: int, arch: str) -> str | None:
+    """The id of the job run's (cycle k, arch) child run in the store, if one exists."""
+    import mlflow
+
+    def search() -> str | None:
+        runs = mlflow.MlflowClient().search_runs(
+            [job.run.info.experiment_id],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{job.run_id}' and tags.cycle = '{k}' "
+                f"and tags.arch = '{arch}'"
+            ),
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    return job._guard("look up a run", search)
 
 
 class LiveCurves:
