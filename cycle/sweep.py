@@ -317,7 +317,13 @@ def run_sweep(
                 max_concurrent_trials=concurrency(cfg),
             ),
             run_config=tune.RunConfig(
-                name=f"sweep-{name}", storage_path=storage, verbose=1, callbacks=callbacks
+                name=f"sweep-{name}",
+                storage_path=storage,
+                verbose=1,
+                callbacks=callbacks,
+                # A trial whose node is reclaimed (spot) restarts from its last checkpoint, up
+                # to resources.max_failures times, instead of erroring.
+                failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
             ),
         )
     results = tuner.fit()

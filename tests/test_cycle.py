@@ -313,7 +313,7 @@ def _epochs_run(run_dir: Path) -> dict[str, list[int]]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_job_killed_anywhere_or_cut_off_from_mlflow_resumes_to_the_uninterrupted_answer(
-    smoke_run, smoke_assets, tmp_path
+    smoke_run, smoke_assets, tmp_path, s3
 ):
     """One job, interrupted every way we know, in the order a run meets them, each resumed
     process going on to the next: killed mid-epoch (the 7th step: epoch 2 of the baseline), with
@@ -339,7 +339,10 @@ def test_a_job_killed_anywhere_or_cut_off_from_mlflow_resumes_to_the_uninterrupt
     run_dir = elsewhere / "rel" / "out" / "killed"
     port = free_port()
     root, server_log = tmp_path / "mlflow-server", tmp_path / "mlflow.log"
-    server = start_mlflow_server(root, port, server_log)
+    # The models and pictures go to S3 (the suite's moto server), as on a cluster.
+    bucket = s3("mlflow")
+    artifacts = f"s3://{bucket}/artifacts"
+    server = start_mlflow_server(root, port, server_log, artifacts)
     uri = f"http://127.0.0.1:{port}"
     common = [*smoke_assets, "--set", "output_dir=rel/out", "--set", f"tracking.uri={uri}"]
     resume = common + ["--resume", "killed"]
@@ -376,7 +379,7 @@ def test_a_job_killed_anywhere_or_cut_off_from_mlflow_resumes_to_the_uninterrupt
         assert (run_dir / "results.json").is_file()  # training finished all the same
         assert "| tinyvgg | 1 |" in stdout
 
-        server = start_mlflow_server(root, port, server_log)  # the same store, back again
+        server = start_mlflow_server(root, port, server_log, artifacts)  # the same store, back
         said = killed_at("track", resume)
         assert "training" not in said  # nothing trained again: only logged
         killed_at("register", resume)
@@ -398,6 +401,15 @@ def test_a_job_killed_anywhere_or_cut_off_from_mlflow_resumes_to_the_uninterrupt
         assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 3
         assert all("test_accuracy" in r.data.metrics for r in children)
         assert len(client.search_model_versions("name='cycle-classifier'")) == 1
+        # The registered model's files are in the bucket, and load back by name through the server.
+        from cycle.checkpoint import load_classifier
+        from cycle.model_refs import CHECKPOINT_FILE, checkpoint_into
+
+        stored = s3.client.list_objects_v2(Bucket=bucket).get("Contents", [])
+        assert any(o["Key"].endswith(CHECKPOINT_FILE) for o in stored), [o["Key"] for o in stored]
+
+        weights = checkpoint_into("models:/cycle-classifier@best", tmp_path / "from-s3", uri)
+        load_classifier(weights)
 
         # Everything done: nothing re-runs, and no Ray is started for nothing.
         idle_ray = tmp_path / "ray-of-the-no-op"

@@ -68,11 +68,8 @@ def test_cluster_yaml_passes_rays_schema_with_a_cpu_only_head_and_gpu_workers_fr
         n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
         for n in workers
     )
-    assert raw["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
     options = " ".join(raw["docker"]["run_options"])
     assert "RAY_AUTH_MODE=token" in options and "CYCLE_STORAGE_PATH=" in options
-    # The runtime part of requirements.txt (the test tools stay off the nodes).
-    assert any("requirements-runtime.txt" in c for c in raw["setup_commands"])
     head = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "mlflow server --host 127.0.0.1" in head
 
@@ -92,26 +89,37 @@ def test_cluster_yaml_names_an_ami_a_network_and_gives_workers_an_s3_identity():
     assert "mount -t nfs4" in mount and "timeout" in mount
 
 
-def test_cluster_yaml_installs_the_runtime_requirements_under_the_ci_constraints():
+def test_every_node_runs_the_dockerfile_image_which_installs_the_runtime_under_the_ci_constraints():
     raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    # The runtime part of requirements.txt (the test tools stay out of the image).
+    assert "-r requirements-runtime.txt -c constraints.txt" in dockerfile
+    assert "requirements.txt " not in dockerfile.replace("requirements-runtime.txt", "")
+    # The nodes pull that image and install nothing when they scale up (an index outage would
+    # fail each new GPU node's setup, and the autoscaler would relaunch it in a loop).
+    image = raw["docker"]["image"]
+    assert image.startswith("CHANGE-registry/cycle:") and not image.endswith(":latest")
+    assert not any(
+        "pip install" in c for c in raw["setup_commands"] + raw.get("head_setup_commands", [])
+    )
     mounts = raw["file_mounts"]
-    by_source = {source.removeprefix("./"): target for target, source in mounts.items()}
-    runtime, constraints = by_source["requirements-runtime.txt"], by_source["constraints.txt"]
-    setup = " ".join(raw["setup_commands"])
-    assert f"-r {runtime}" in setup and f"-c {constraints}" in setup
-    assert "requirements.txt" not in by_source  # the test tools stay off the nodes
     # Mounts land inside the container, whose home is /home/ray (not the host's /home/ubuntu).
     assert all(not target.startswith("/home/ubuntu") for target in mounts)
     token = next(o for o in raw["docker"]["run_options"] if "RAY_AUTH_TOKEN_PATH=" in o)
-    assert token.split("=", 1)[1] in mounts
+    token_path = token.split("=", 1)[1]
+    assert token_path in mounts
+    assert any(c.startswith("chmod 600") and token_path in c for c in raw["setup_commands"])
 
 
 def test_cluster_yaml_keeps_mlflow_runs_beyond_the_cluster_and_starts_one_server():
     raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     head = " ".join(raw["head_start_ray_commands"])
-    backend = re.search(r"--backend-store-uri (\S+)", head).group(1)
-    # SQLite on EFS or Postgres: `ray down` deletes the head's own disk.
-    assert backend.startswith(("sqlite:////mnt/shared/", "postgresql://")), backend
+    # Postgres (its URI in a file the operator writes, copied to the head, never in this file):
+    # `ray down` deletes the head's own disk, and SQLite on NFS breaks under several workers.
+    backend = re.search(r'--backend-store-uri "\$\(cat (\S+)\)"', head).group(1)
+    assert backend in raw["file_mounts"] and "sqlite" not in head
+    assert "postgresql://" in (ROOT / "cluster.yaml").read_text()  # what goes in that file
+    assert "while true; do mlflow server" in head  # supervised: restarted when it exits
     # A second `ray up` reruns these commands: a server that already answers is kept.
     assert head.index("/health") < head.index("mlflow server") and "||" in head
 
@@ -511,7 +519,8 @@ def test_the_image_installs_the_runtime_part_under_the_constraints():
         for line in (ROOT / "Dockerfile").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert steps[0] == "FROM rayproject/ray:2.60.0-py311-gpu"
+    # The base by an argument whose default is Ray's tag and which takes a digest (the header).
+    assert steps[:2] == ["ARG BASE=rayproject/ray:2.60.0-py311-gpu", "FROM ${BASE}"]
     install = next(s for s in steps if "pip install" in s)
     assert "-r requirements-runtime.txt" in install and "-c constraints.txt" in install
     assert "requirements.txt" not in install.replace("requirements-runtime.txt", "")
@@ -521,8 +530,8 @@ def test_the_image_installs_the_runtime_part_under_the_constraints():
 
 def test_uploads_leave_data_outputs_and_tracking_stores_behind():
     ignored = (ROOT / ".rayignore").read_text().split()
-    for path in ("/outputs/", "/data/", "/mlruns/", "/mlflow.db"):
-        assert path in ignored
+    for path in ("/outputs/", "/data/", "/mlruns/", "/mlflow.db", "/chest_xray/", "/*.zip"):
+        assert path in ignored  # chest_xray/: patient films unzipped inside the checkout
     assert "data/" not in ignored  # unanchored, it would also drop cycle/data/ from the upload
 
 
@@ -530,6 +539,8 @@ def test_the_image_leaves_data_outputs_stores_and_partial_folders_behind():
     lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
     entries = {line.rstrip("/") for line in lines if line and not line.startswith("#")}
     for entry in ("outputs", "data", "mlruns", "mlflow.db", "mlflow-server", ".gl", ".git"):
+        assert entry in entries
+    for entry in ("chest_xray", "*.zip"):  # patient films never go into an image
         assert entry in entries
     assert "**/*.partial" in entries  # half-written stage folders, at any depth
     assert "cycle" not in entries and "configs" not in entries
@@ -540,3 +551,108 @@ def test_readme_names_the_kuberay_release_that_has_auth_options():
     assert "KubeRay >= 1.5.1" in text and "KubeRay >= 1.5)" not in text
     for path in (K8S / "rayjob.yaml", K8S / "rayjob-sweep.yaml"):
         assert "KubeRay >= 1.5.1" in path.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# What an operator applying the files tomorrow needs them to say (issue: storage that survives,
+# GPUs on demand, a closed MLflow): each point a file can show
+
+
+def all_images() -> list[tuple[str, str]]:
+    found = []
+    for name, doc in k8s_documents():
+        text = json.dumps(doc)
+        found += [(name, image) for image in re.findall(r'"image": "([^"]+)"', text)]
+    found.append(
+        ("cluster.yaml", yaml.safe_load((ROOT / "cluster.yaml").read_text())["docker"]["image"])
+    )
+    return found
+
+
+def test_volumes_survive_a_delete_and_name_their_class():
+    classes = {d["metadata"]["name"]: d for _, d in k8s_documents() if d["kind"] == "StorageClass"}
+    assert classes and all(c["reclaimPolicy"] == "Retain" for c in classes.values())
+    claims = [(n, d) for n, d in k8s_documents() if d["kind"] == "PersistentVolumeClaim"]
+    assert {d["metadata"]["name"] for _, d in claims} == {"cycle-shared", "mlflow-data"}
+    for name, claim in claims:
+        # In a file of their own: `kubectl delete -f` of the jobs or MLflow keeps them.
+        assert name == "volumes.yaml", name
+        # New EKS clusters have no default class: a claim without one stays Pending.
+        assert claim["spec"]["storageClassName"] in classes
+    assert {n for n, d in k8s_documents() if d["kind"] == "StorageClass"} == {"volumes.yaml"}
+
+
+def test_images_are_pinned_and_the_same_everywhere():
+    images = all_images()
+    assert len(images) >= 6
+    for name, image in images:
+        assert ":" in image and not image.endswith(":latest"), (name, image)
+    assert len({image for _, image in images}) == 1  # head, workers, MLflow, loader: one build
+
+
+def test_gpu_nodes_are_on_demand_unless_spot_is_chosen_and_survive_reclaims():
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    nodes = {n: v for n, v in raw["available_node_types"].items() if n != raw["head_node_type"]}
+    spot = {n: v for n, v in nodes.items() if "InstanceMarketOptions" in v["node_config"]}
+    on_demand = {n: v for n, v in nodes.items() if n not in spot}
+    assert on_demand and all(v["max_workers"] > 0 for v in on_demand.values())
+    for node in spot.values():
+        # Off until chosen, and never a twin of an on-demand type (ties go by name).
+        assert node["max_workers"] == 0
+        for other in on_demand.values():
+            assert node["resources"] != other["resources"]
+            assert node["node_config"]["InstanceType"] != other["node_config"]["InstanceType"]
+    for source, argv in real_data_commands():
+        assert int(overrides(argv).get("resources.max_failures", 1)) >= 2, (source, argv)
+
+
+def test_nodes_use_imdsv2_and_scoped_roles_in_two_zones():
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for name, node in raw["available_node_types"].items():
+        config = node["node_config"]
+        assert config["MetadataOptions"]["HttpTokens"] == "required", name
+        assert config["MetadataOptions"]["HttpPutResponseHopLimit"] == 1, name
+        assert config["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+        assert len(config["SubnetIds"]) >= 2, name
+    assert raw["provider"]["use_internal_ips"] is True
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "0777" not in text and "chmod 0775 /mnt/shared" in text
+
+
+def test_jobs_have_deadlines_and_cpu_pods_stay_off_gpu_nodes():
+    for name, doc in kuberay_documents():
+        assert doc["spec"]["activeDeadlineSeconds"] > 0, name
+        head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        assert head["nodeSelector"], name
+    mlflow_pod = one("Deployment", "mlflow")["spec"]["template"]["spec"]
+    assert mlflow_pod["nodeSelector"] == head["nodeSelector"]
+    loader = one("Job", "cycle-load-data")
+    assert loader["spec"]["activeDeadlineSeconds"] > 0
+    assert loader["spec"]["template"]["spec"]["nodeSelector"] == head["nodeSelector"]
+    assert {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in loader["spec"]["template"]["spec"]["volumes"]
+    } == {"cycle-shared"}
+    for command in shell_commands((ROOT / "cluster.yaml").read_text()):
+        assert re.search(r"-- timeout \d+h python jobs/", command), command
+
+
+def test_only_the_rayjobs_pods_may_reach_mlflow():
+    policy = one("NetworkPolicy")
+    service = one("Service", "mlflow")
+    assert policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    admitted = source["podSelector"]["matchLabels"]
+    assert "namespaceSelector" not in source  # this namespace only
+    for name, doc in kuberay_documents():
+        for group in pods_with_metadata(doc):
+            labels = group.get("metadata", {}).get("labels", {})
+            assert admitted.items() <= labels.items(), name
+    assert rule["ports"] == [{"protocol": "TCP", "port": service["spec"]["ports"][0]["port"]}]
+
+
+def pods_with_metadata(doc: dict) -> list[dict]:
+    cluster = doc["spec"]["rayClusterSpec"]
+    return [g["template"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]

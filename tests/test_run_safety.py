@@ -15,7 +15,14 @@ import torch
 
 from cycle.config import load_config
 from cycle.io import LockHeld, folder_lock
-from cycle.resources import decide_gpu, plan_shard_pool, trainer_request, waiting_message
+from cycle.resources import (
+    MAX_SHARD_ACTORS,
+    decide_gpu,
+    plan_shard_pool,
+    trainer_cpus,
+    trainer_request,
+    waiting_message,
+)
 from cycle.run_config import RunConfigMismatch, changed_keys, check_run_config, record_run_config
 from cycle.watchdog import Watchdog
 
@@ -75,6 +82,29 @@ def test_shard_pool_on_gpus_and_with_a_cap():
     assert plan_shard_pool({"CPU": 0.0}, gpus_per_actor=1.0).gpus_per_actor == 1.0
     assert plan_shard_pool({"CPU": 16.0, "GPU": 2.0}).gpus_per_actor == 0.0  # not asked: none
     assert plan_shard_pool({"CPU": 16.0}, wanted=2).actors == 2
+
+
+def test_trainers_side_by_side_leave_room_to_decode_their_films():
+    # `ray start --head` on 2 cores: two 1-CPU trainers would leave their Ray Data decode tasks
+    # nothing (a silent hang); each asks for a little less.
+    assert trainer_cpus(1.0, 2, 2.0) == 0.75
+    assert trainer_cpus(2.0, 1, 2.0) == 1.75
+    # Room enough, or the cluster still at zero: what was asked.
+    assert trainer_cpus(1.0, 2, 4.0) == 1.0 and trainer_cpus(1.5, 2, 4.0) == 1.5
+    assert trainer_cpus(1.0, 2, 0.0) == 1.0
+    # Asked for more than there is: unchanged, so that the stall watchdog names the request.
+    assert trainer_cpus(3.0, 1, 2.0) == 3.0
+
+
+def test_the_shard_pool_grows_onto_nodes_that_join_unless_its_size_is_fixed():
+    # A head of 0 CPUs (workers from zero): one actor to start, room to grow as nodes join.
+    empty = plan_shard_pool({"CPU": 0.0})
+    assert (empty.actors, empty.max_actors) == (1, MAX_SHARD_ACTORS)
+    assert "up to 8 as nodes join" in empty.describe()
+    assert plan_shard_pool({"CPU": 4.0}).max_actors == MAX_SHARD_ACTORS
+    fixed = plan_shard_pool({"CPU": 16.0}, wanted=2)
+    assert (fixed.actors, fixed.max_actors) == (2, 2) and "join" not in fixed.describe()
+    assert plan_shard_pool({"CPU": 0.0}, wanted=3).max_actors == 3
 
 
 def test_gpus_are_decided_once_and_said_never_silently_dropped():
@@ -268,3 +298,40 @@ def test_a_server_that_answers_health_but_refuses_the_jobs_host_fails_fast(tmp_p
         assert problem and "403" in problem and "--allowed-hosts" in problem, problem
     finally:
         stop(server)
+
+
+def test_a_checkpoint_bucket_that_cannot_be_written_is_refused_before_anything_starts(
+    tmp_path, s3, own_ray_temp_dir
+):
+    """The preflight writes, reads back and deletes one object where Ray Train will keep its
+    checkpoints (the suite's moto S3): a bucket that works is left as it was; one that does not
+    exist ends the job before any training or Ray, naming it."""
+    from conftest import SMOKE, run_job
+
+    from cycle.preflight import uri_storage_problem
+
+    good = s3("checkpoints")
+    assert uri_storage_problem(f"s3://{good}/ray") is None
+    left = s3.client.list_objects_v2(Bucket=good).get("Contents", [])
+    assert not [o["Key"] for o in left if "preflight" in o["Key"]]  # the probe is gone
+    problem = uri_storage_problem("s3://no-such-bucket-of-the-suite/ray")
+    assert "no-such-bucket-of-the-suite" in problem and "not writable" in problem
+
+    proc = run_job(
+        "cycle.py",
+        [
+            *SMOKE,
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            "resources.storage_path=s3://no-such-bucket-of-the-suite/ray",
+        ],
+        tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "resources.storage_path s3://no-such-bucket-of-the-suite/ray is not writable" in (
+        proc.stderr
+    ), proc.stderr[-2000:]
+    assert "training" not in proc.stdout + proc.stderr
+    assert not os.listdir(own_ray_temp_dir)  # refused before Ray started

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,13 @@ def _epochs_run(run_dir):
 
 
 def _loop_config(cfg, records, run_dir):
-    return {"config": cfg.model_dump(mode="json"), "records": str(records), "run_dir": str(run_dir)}
+    films = train_module.film_sets(str(records), None, cfg.seed)
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "films": {name: f.to_dict() for name, f in films.items()},
+        "run_dir": str(run_dir),
+        "in_process": True,
+    }
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, phantom_root, monkeypatch):
@@ -114,19 +121,20 @@ def test_ray_train_worker_trains_and_checkpoints_to_storage(tmp_path, phantom_ro
 
 
 @pytest.mark.ray
-def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(
-    tmp_path, phantom_root, ray_session
+def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint_in_s3(
+    tmp_path, phantom_root, ray_session, s3
 ):
-    """FailureConfig(max_failures=1): SIGKILL the worker process once Ray has registered a
-    checkpoint; Ray Train starts a new worker, which resumes from the newest checkpoint in Ray's
-    storage instead of starting over."""
-    import os
+    """FailureConfig(max_failures=1), checkpoints in S3 (the suite's moto server): SIGKILL the
+    worker process once Ray has registered a checkpoint, and delete the stage's weights from the
+    node's disk; Ray Train starts a new worker, which resumes from the newest checkpoint in the
+    bucket alone instead of starting over."""
     import signal
     import threading
     import time
 
     from ray.util.state import list_actors
 
+    bucket = s3("ray")
     cfg, records = _setup(
         tmp_path,
         phantom_root,
@@ -134,7 +142,7 @@ def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(
         "train.epochs=6",
         "resources.num_workers=1",
         "resources.max_failures=1",
-        f"resources.storage_path={tmp_path / 'storage'}",
+        f"resources.storage_path=s3://{bucket}/ray",
     )
     run_dir = tmp_path / "run"
     outcome = {}
@@ -143,12 +151,15 @@ def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(
     )
     thread.start()
     deadline = time.time() + 300
-    stored = tmp_path / "storage" / "killed"
     history = run_dir / "history.json"
     # The evidence, not a guess at how long Ray takes: the controller's own record of the
     # checkpoints it has registered (it takes a report a moment after the worker makes it).
-    while not registered_checkpoints(stored) and time.time() < deadline and thread.is_alive():
-        time.sleep(0.1)
+    while (
+        not registered_checkpoints(s3.client, bucket, "ray/killed")
+        and time.time() < deadline
+        and thread.is_alive()
+    ):
+        time.sleep(0.2)
     alive = [
         a
         # This test's Ray by its address: "auto" fails where another Ray runs on the machine.
@@ -160,8 +171,9 @@ def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(
     ]
     assert len(alive) == 1 and thread.is_alive(), "training ended before the worker could be killed"
     os.kill(alive[0].pid, signal.SIGKILL)
-    # The node's own disk is lost with it: only Ray's copy on storage_path can bring the run back.
-    (run_dir / LAST).unlink()
+    # The node's own disk is lost with it: only Ray's copy in the bucket can bring the run back.
+    for name in (LAST, BEST):
+        (run_dir / name).unlink(missing_ok=True)
     thread.join(timeout=600)
     assert "metrics" in outcome  # fit() succeeded after the restart
     assert [row["epoch"] for row in json.loads(history.read_text())] == list(
@@ -169,14 +181,15 @@ def test_a_killed_train_worker_is_restarted_and_resumes_from_its_checkpoint(
     )  # none lost
     started = json.loads((run_dir / STARTED).read_text())
     assert started["resume_source"] == "Ray storage checkpoint", started
-    assert Path(started["resumed_from"]).is_relative_to(stored), started  # Ray's copy, none else
-    assert Path(started["resumed_from"]).parent.name.startswith("checkpoint_"), started
+    assert started["resumed_from"].startswith(f"{bucket}/ray/killed/checkpoint_"), started
     # Resumed, not restarted: after the kill, epochs ran from the checkpoint's epoch on, once each.
     resumed_after = started["resumed_after_epoch"]
     assert 1 <= resumed_after < 6
     executed = _epochs_run(run_dir)
     assert executed[-(6 - resumed_after) :] == list(range(resumed_after + 1, 7))
     assert executed.count(1) == 1
+    # The weights chosen on val came back from the bucket too.
+    assert torch.load(run_dir / BEST, weights_only=True)["epoch"] >= 1
 
 
 def test_train_job_runs_the_smoke_config(tmp_path, smoke_assets, own_ray_temp_dir):
@@ -189,12 +202,13 @@ def test_train_job_runs_the_smoke_config(tmp_path, smoke_assets, own_ray_temp_di
     assert not os.listdir(own_ray_temp_dir)
 
 
-def registered_checkpoints(run_storage: Path) -> list:
-    """The checkpoints Ray Train's controller has registered for a run, from its own snapshot."""
-    snapshot = run_storage / "checkpoint_manager_snapshot.json"
+def registered_checkpoints(client, bucket: str, run: str) -> list:
+    """The checkpoints Ray Train's controller has registered for a run, from its own snapshot in
+    the bucket."""
     try:
-        return json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
+        body = client.get_object(Bucket=bucket, Key=f"{run}/checkpoint_manager_snapshot.json")
+        return json.loads(body["Body"].read())["checkpoint_results"]
+    except (client.exceptions.NoSuchKey, ValueError, KeyError):
         return []  # not written yet, or caught mid-write
 
 
@@ -226,28 +240,91 @@ def test_the_newest_complete_stored_checkpoint_wins_registered_or_not(tmp_path):
     assert stored_checkpoints(fs.LocalFileSystem(), str(tmp_path / "none")) == []
 
 
+def test_a_restore_from_storage_alone_brings_the_weights_chosen_so_far(tmp_path):
+    """Epoch 2 chose weights (its checkpoint holds best.pt), epoch 3 did not: restoring epoch 3
+    gives its last.pt and epoch 2's best.pt, from storage, with no file of the run's folder."""
+    from pyarrow import fs
+
+    from cycle.ray_checkpoints import restore_folder, stage_files, stored_checkpoints
+
+    run, storage = tmp_path / "run", tmp_path / "storage" / "run"
+    run.mkdir()
+    for epoch, improved in ((1, True), (2, True), (3, False)):
+        (run / LAST).write_bytes(f"last {epoch}".encode())
+        if improved:
+            (run / BEST).write_bytes(f"best {epoch}".encode())
+        names = (LAST, BEST) if improved else (LAST,)
+        staged = stage_files(tmp_path / "staging", run, names, epoch=epoch)
+        shutil.copytree(staged, storage / f"checkpoint_2026-01-01_00-00-0{epoch}.000000")
+    shutil.rmtree(run)
+    found = stored_checkpoints(fs.LocalFileSystem(), str(storage))
+    assert [(c.epoch, c.files) for c in found] == [
+        (1, (BEST, LAST)),
+        (2, (BEST, LAST)),
+        (3, (LAST,)),
+    ]
+    folder = restore_folder(found[-1], found[:1] + found[2:])  # epoch 2's was deleted: epoch 1's
+    assert (folder / LAST).read_bytes() == b"last 3" and (folder / BEST).read_bytes() == b"best 1"
+    folder = restore_folder(found[-1], found)
+    assert (folder / LAST).read_bytes() == b"last 3" and (folder / BEST).read_bytes() == b"best 2"
+
+
 def test_train_job_fails_fast_on_bad_config(tmp_path):
     proc = run_job("train.py", ["--set", "train.optimiser=adam"], tmp_path, timeout=60)
     assert proc.returncode != 0
     assert "train.optimiser: unknown key" in proc.stderr
 
 
-@pytest.mark.parametrize("n", [143, 144])
-def test_ddp_ranks_read_disjoint_equal_parts_that_change_each_epoch(n):
-    """What each Ray Train rank reads: no film on two ranks, the same number of steps on every
-    rank (DDP), at most world_size - 1 films left out, a new draw each epoch. One worker reads
-    every film."""
-    from cycle.data.dataset import EpochShuffle
+@pytest.mark.ray
+def test_original_films_stream_in_one_seeded_order_in_process_and_through_ray_data(
+    tmp_path, phantom_root, ray_session
+):
+    """What a worker reads in cycle 0: every film of the split once, in a permutation drawn from
+    the seed, the same rows whether Ray Data's tasks decode them or this process does; a second
+    pass comes from the per-process cache only while it fits in data.cache_mb."""
+    import numpy as np
 
-    for world in (2, 3):
-        parts = []
-        for rank in range(world):
-            sampler = EpochShuffle(n, seed=7, rank=rank, world_size=world)
-            parts.append(list(sampler))
-            assert len(sampler) == n // world
-        seen = [i for part in parts for i in part]
-        assert len(seen) == len(set(seen)) == n - n % world
-        sampler = EpochShuffle(n, seed=7, rank=0, world_size=world)
-        sampler.set_epoch(1)
-        assert list(sampler) != parts[0]
-    assert sorted(EpochShuffle(n, seed=7)) == list(range(n))
+    from cycle.data.films import FilmSet, FilmStreams
+    from cycle.data.transforms import preprocess_from_config
+
+    cfg, records = _setup(tmp_path, phantom_root)
+    pre = preprocess_from_config(cfg.data)
+    films = FilmSet.originals(records, "train", seed=3)
+    n = len(films)
+    local = list(films.local_batches(pre, cfg.data.max_image_pixels))
+    index = np.concatenate([b["index"] for b in local])
+    assert sorted(index.tolist()) == list(range(n)) and index.tolist() != list(range(n))
+    other = FilmSet.originals(records, "train", seed=4).listing()
+    assert [row["index"] for row in other] != index.tolist()
+    streamed = list(
+        films.ray_dataset(pre, cfg.data.max_image_pixels).iter_batches(
+            batch_size=None, batch_format="numpy"
+        )
+    )
+    assert np.concatenate([b["index"] for b in streamed]).tolist() == index.tolist()
+    np.testing.assert_array_equal(
+        np.concatenate([b["image"] for b in streamed]), np.concatenate([b["image"] for b in local])
+    )
+    # What a worker gets with data.decode=worker (the default): the rows, decoded where they land.
+    rows = films.ray_dataset(pre, cfg.data.max_image_pixels, decode=False)
+    listed = list(
+        films.decoded_rows(
+            rows.iter_batches(batch_size=64, batch_format="numpy"), pre, cfg.data.max_image_pixels
+        )
+    )
+    assert np.concatenate([b["index"] for b in listed]).tolist() == index.tolist()
+    np.testing.assert_array_equal(
+        np.concatenate([b["image"] for b in listed]), np.concatenate([b["image"] for b in local])
+    )
+    labels = np.concatenate([b["label"] for b in local])
+    assert tuple(np.bincount(labels, minlength=2)) == films.label_counts()
+
+    def passes(cache_mb):
+        data = cfg.data.model_copy(update={"cache_mb": cache_mb})
+        streams = FilmStreams({"train": films}, data, from_ray=False)
+        first = [b["image"].copy() for b in streams.batches("train")]
+        second = [b["image"] for b in streams.batches("train")]
+        np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
+        return "train" in streams.kept
+
+    assert passes(64) and not passes(0)
