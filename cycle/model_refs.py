@@ -60,25 +60,30 @@ def local_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> Iterat
 
 
 def _artifact_uri(ref: str, store: str) -> str:
-    """A registry name (`models:/name@alias`, `models:/name/3`) resolved to its version's source
-    in `store`'s own registry, through a client of its own: the process's registry URI (by
-    default ./mlflow.db, or whatever an earlier call set) is never read nor changed. Other URIs
-    (`runs:/`, MLflow 3's `models:/m-<id>`) are the tracking store's and pass as they are."""
+    """Where the files of what `ref` names live (a file path, s3://..., mlflow-artifacts:/...),
+    looked up through a client of `store` alone. MLflow's own `models:/` and `runs:/`
+    resolvers read the process's tracking and registry URIs (by default ./mlflow.db, or whatever
+    an earlier call set) instead of the store given, so every name is resolved here: a registry
+    name (`models:/name@alias`, `models:/name/3`) to its version's logged model, a logged model
+    (`models:/m-<id>`) to its artifact location, `runs:/<id>/path` to the run's artifacts."""
     import mlflow
 
-    if not ref.startswith("models:/"):
-        return ref
-    name = ref[len("models:/") :].strip("/")
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    if ref.startswith("runs:/"):
+        run_id, _, inside = ref[len("runs:/") :].strip("/").partition("/")
+        return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{inside}".rstrip("/")
+    name = ref[len("models:/") :].strip("/")
     if "@" in name:
         model, alias = name.split("@", 1)
-        version = client.get_model_version_by_alias(model, alias)
+        source = client.get_model_version_by_alias(model, alias).source
     elif "/" in name:
         model, number = name.rsplit("/", 1)
-        version = client.get_model_version(model, number)
+        source = client.get_model_version(model, number).source
     else:
-        return ref  # a logged model's id (models:/m-...): the tracking store resolves it
-    return version.source
+        source = ref  # a logged model's id (models:/m-...)
+    if source.startswith("models:/"):  # MLflow 3: a version's source is its logged model
+        return client.get_logged_model(source[len("models:/") :].strip("/")).artifact_location
+    return source
 
 
 def ref_name(ref: str | Path) -> str:
