@@ -118,8 +118,9 @@ def test_ray_job_submit_runs_the_smoke_cycle_against_an_mlflow_server(
     assert (out / "submitted" / "report.md").is_file()
     # What `ray start --head` gives (2 on the development machine and in CI), split between the
     # two architectures' builds, which run at once.
-    half = os.cpu_count() / 2
-    assert f"Ray Data: {plan_shard_pool({'CPU': half}).describe()}" in submit.stdout + submit.stderr
+    cpus = os.cpu_count()
+    each = plan_shard_pool({"CPU": cpus / 2}).describe()
+    assert f"Ray Data: {each}" in submit.stdout + submit.stderr
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)  # over HTTP: the REST API
     experiment = client.get_experiment_by_name("cycle-smoke")
