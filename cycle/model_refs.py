@@ -65,13 +65,22 @@ def _artifact_uri(ref: str, store: str) -> str:
     resolvers read the process's tracking and registry URIs (by default ./mlflow.db, or whatever
     an earlier call set) instead of the store given, so every name is resolved here: a registry
     name (`models:/name@alias`, `models:/name/3`) to its version's logged model, a logged model
-    (`models:/m-<id>`) to its artifact location, `runs:/<id>/path` to the run's artifacts."""
+    (`models:/m-<id>`) to its artifact location, `runs:/<id>/<name>` to the model that run logged
+    under that name (else that path among the run's files)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     if ref.startswith("runs:/"):
         run_id, _, inside = ref[len("runs:/") :].strip("/").partition("/")
-        return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{inside}".rstrip("/")
+        run = client.get_run(run_id)
+        # MLflow 3 keeps a run's model as a logged model of that name, not in the run's files.
+        logged = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = '{inside}'",
+        )
+        if logged:
+            return logged[0].artifact_location
+        return f"{run.info.artifact_uri.rstrip('/')}/{inside}".rstrip("/")
     name = ref[len("models:/") :].strip("/")
     if "@" in name:
         model, alias = name.split("@", 1)

@@ -54,7 +54,7 @@ def decide_gpu(setting: bool | str, cluster: dict) -> tuple[bool, str]:
 
 
 def plan_shard_pool(
-    cluster: dict, gpus_per_actor: float = 0.0, wanted: int | None = None
+    cluster: dict, gpus_per_actor: float = 0.0, wanted: int | None = None, can_grow: bool = True
 ) -> ShardPool:
     """Size the EnhanceWorker pool so that actors never hold every CPU: one CPU (or half the
     cluster, when it has fewer than two) is left to the read and decode tasks. On GPUs, one actor
@@ -65,10 +65,13 @@ def plan_shard_pool(
 
     The pool starts at that size and may grow to MAX_SHARD_ACTORS while the build runs: Ray
     Data adds actors where nodes join with room for one (an autoscaled cluster's new workers).
-    `wanted` fixes the size (at most what fits now, at least one), start and end."""
+    `wanted` fixes the size (at most what fits now, at least one), start and end. Without
+    `can_grow` (a local Ray: one node, which nothing joins) the pool stays at its start: Ray Data
+    would otherwise add actors into the CPUs the read tasks and other builds need, each one a
+    torch start and two models loaded, for no node gained."""
     cpus = float(cluster.get("CPU", 0.0))
     gpus = float(cluster.get("GPU", 0.0))
-    grow = max(1, wanted) if wanted else MAX_SHARD_ACTORS
+    grow = (max(1, wanted) if wanted else MAX_SHARD_ACTORS) if can_grow else 1
     if cpus <= 0:
         return ShardPool(1, max(1, grow), 1.0, gpus_per_actor, 1.0, 1)
     if cpus < 2:
@@ -85,6 +88,16 @@ def plan_shard_pool(
         grow = actors
     per_actor = max(1.0, math.floor(usable / actors))
     return ShardPool(actors, max(actors, grow), per_actor, gpus_per_actor, 1.0, int(per_actor))
+
+
+def nodes_can_join(nodes: list[dict], driver_node_id: str) -> bool:
+    """Whether a build's pool should leave room to grow: the cluster has several nodes, or its
+    driver's node schedules no work (a head started with 0 CPUs, as the cluster files start it:
+    its workers come and go). A lone node with CPUs is a local Ray, which nothing joins.
+    `nodes`: `ray.nodes()`."""
+    alive = [n for n in nodes if n.get("Alive")]
+    mine = next((n for n in alive if n.get("NodeID") == driver_node_id), None)
+    return len(alive) > 1 or (mine is not None and not mine.get("Resources", {}).get("CPU"))
 
 
 # What each trainer leaves free for the Ray Data tasks that read and decode its films (one task at

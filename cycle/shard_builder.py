@@ -52,7 +52,7 @@ from cycle.data.shards import (
 from cycle.enhance import enhance_batch, needs_donor
 from cycle.lungseg.masks import load_lung_model
 from cycle.lungseg.masks import predict as predict_lungs
-from cycle.resources import plan_shard_pool, waiting_message
+from cycle.resources import nodes_can_join, plan_shard_pool, waiting_message
 from cycle.shard_inputs import (
     build_order,
     decode_arguments,
@@ -355,7 +355,8 @@ def _write_with_ray_data(
     import ray.data
 
     cluster = {k: v / share for k, v in ray.cluster_resources().items()}
-    pool = plan_shard_pool(cluster, gpus_per_actor, wanted_actors)
+    can_grow = nodes_can_join(ray.nodes(), ray.get_runtime_context().get_node_id())
+    pool = plan_shard_pool(cluster, gpus_per_actor, wanted_actors, can_grow)
     log(f"[shards] Ray Data: {pool.describe()}")
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # batches run in the build's order

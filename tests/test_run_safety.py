@@ -18,6 +18,7 @@ from cycle.io import LockHeld, folder_lock
 from cycle.resources import (
     MAX_SHARD_ACTORS,
     decide_gpu,
+    nodes_can_join,
     plan_shard_pool,
     trainer_cpus,
     trainer_request,
@@ -105,6 +106,21 @@ def test_the_shard_pool_grows_onto_nodes_that_join_unless_its_size_is_fixed():
     fixed = plan_shard_pool({"CPU": 16.0}, wanted=2)
     assert (fixed.actors, fixed.max_actors) == (2, 2) and "join" not in fixed.describe()
     assert plan_shard_pool({"CPU": 0.0}, wanted=3).max_actors == 3
+    # A local Ray, which nothing joins: the pool stays at its start (actors added there only
+    # take the CPUs of the read tasks and the other builds, each with a torch start).
+    local = plan_shard_pool({"CPU": 4.0}, can_grow=False)
+    assert (local.actors, local.max_actors) == (3, 3) and "join" not in local.describe()
+    assert plan_shard_pool({"CPU": 1.0}, can_grow=False).max_actors == 1
+
+
+def test_a_pool_may_grow_on_a_cluster_of_nodes_or_under_a_head_that_schedules_nothing():
+    def node(name, cpus, alive=True):
+        return {"NodeID": name, "Alive": alive, "Resources": {"CPU": cpus} if cpus else {}}
+
+    assert not nodes_can_join([node("me", 2.0)], "me")  # `ray start --head`, ray.init()
+    assert not nodes_can_join([node("me", 2.0), node("gone", 2.0, alive=False)], "me")
+    assert nodes_can_join([node("me", 0.0)], "me")  # cluster.yaml's head, before workers come
+    assert nodes_can_join([node("me", 2.0), node("w1", 2.0)], "me")
 
 
 def test_gpus_are_decided_once_and_said_never_silently_dropped():
