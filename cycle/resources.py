@@ -8,7 +8,7 @@ tasks wait for one more (a silent hang, see shared/RAY_NOTES.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,12 @@ def plan_shard_pool(
     torch start and two models loaded, for no node gained."""
     cpus = float(cluster.get("CPU", 0.0))
     gpus = float(cluster.get("GPU", 0.0))
-    grow = (max(1, wanted) if wanted else MAX_SHARD_ACTORS) if can_grow else 1
+    pool = _sized_pool(cpus, gpus, gpus_per_actor, wanted)
+    return pool if can_grow else replace(pool, max_actors=pool.actors)
+
+
+def _sized_pool(cpus: float, gpus: float, gpus_per_actor: float, wanted: int | None) -> ShardPool:
+    grow = max(1, wanted) if wanted else MAX_SHARD_ACTORS
     if cpus <= 0:
         return ShardPool(1, max(1, grow), 1.0, gpus_per_actor, 1.0, 1)
     if cpus < 2:
