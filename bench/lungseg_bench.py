@@ -54,7 +54,7 @@ def main() -> None:
     model = build_unet().eval()
     print(
         f"machine: {os.cpu_count()} cores, {args.threads} threads, CPU; "
-        f"MONAI UNet, batch {args.batch}"
+        f"residual UNet, batch {args.batch}"
     )
     for size in args.sizes:
         model.image_size = size

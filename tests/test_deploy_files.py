@@ -451,7 +451,7 @@ def test_requirements_split_runtime_from_test_tools_and_constraints_pin_what_ci_
     test_tools = {"pytest", "pytest-timeout", "ruff", "grad-cam", "selenium"}
     assert test_tools <= {canonicalize_name(r.name) for r in tools}
     assert not runtime_names & test_tools
-    assert {"torch", "torchvision", "ray", "mlflow", "monai"} <= runtime_names
+    assert {"torch", "torchvision", "ray", "mlflow", "scipy"} <= runtime_names
     pins = {}
     for line in requirement_lines(ROOT / "constraints.txt"):
         name, version = line.split("==")

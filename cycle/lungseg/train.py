@@ -29,6 +29,7 @@ from cycle.data.transforms import Augment, ImageLoadError
 from cycle.io import atomic_write_json, folder_lock
 from cycle.localization import bootstrap_ci
 from cycle.lungseg.data import Pair, find_pairs, load_pair
+from cycle.lungseg.loss import DiceCELoss
 from cycle.lungseg.masks import (
     MEAN,
     STD,
@@ -113,8 +114,6 @@ def train_lungseg(
     """Train (or resume) in `out_dir` on `device` (default: this process's GPU, else its CPU);
     returns the test metrics, also written to metrics.json; history.json grows by an epoch at a
     time."""
-    from monai.losses import DiceCELoss
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +130,7 @@ def train_lungseg(
     model = build_unet(DEFAULT_CHANNELS, num_res_units=2).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=lcfg.epochs)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss()
     state = {"epoch": 0, "best_dice": -math.inf, "history": []}
     saved = read_checkpoint(out_dir / LAST, log, "lungseg") if (out_dir / LAST).is_file() else None
     if saved is not None:
