@@ -486,6 +486,15 @@ def _damaged_files_are_redone(run_dir: Path, resume: list[str], cwd: Path, refer
     assert _numbers(resumed) == pytest.approx(_numbers(reference), abs=1e-6, nan_ok=True)
 
 
+def _stopped_before_any_work(proc, out_dir: Path) -> None:
+    """Fail fast means before the expensive work, not within some number of seconds (a loaded
+    machine can take any time to import): no Ray started, no phantom made, nothing trained."""
+    said = proc.stdout + proc.stderr
+    assert "Ray instance" not in said and "RayTrainWorker" not in said, said[-2000:]
+    assert not (out_dir / "phantoms").exists()
+    assert not list(out_dir.rglob("best.pt")) and not list(out_dir.rglob("*.parquet"))
+
+
 @pytest.mark.parametrize(
     "args, env, message",
     [
@@ -501,11 +510,10 @@ def test_mistakes_fail_fast_with_a_clear_message(tmp_path, args, env, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if not any(a.startswith("output_dir=") for a in args):
         args += ["--set", f"output_dir={tmp_path}"]
-    started = time.time()
-    proc = _run(args, tmp_path, timeout=60, env=env)
+    proc = _run(args, tmp_path, timeout=300, env=env)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
-    assert time.time() - started < 30
+    _stopped_before_any_work(proc, tmp_path)
 
 
 @pytest.mark.parametrize("how", ["--run-name", "--resume"])
@@ -517,15 +525,14 @@ def test_a_run_with_another_config_is_refused_in_seconds(tmp_path, how):
         ROOT / "configs" / "smoke.yaml", [f"output_dir={tmp_path}"]
     ).with_absolute_paths()
     record_run_config(tmp_path / "earlier", cfg)
-    started = time.time()
     proc = _run(
         ["--set", f"output_dir={tmp_path}", "--set", "train.lr=0.5", how, "earlier"],
         tmp_path,
-        timeout=60,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "was made with another config" in proc.stderr and "train.lr: 0.001 -> 0.5" in proc.stderr
-    assert time.time() - started < 30
+    _stopped_before_any_work(proc, tmp_path)
 
 
 def test_real_data_without_a_lung_model_fails_fast(tmp_path):
