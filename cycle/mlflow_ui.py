@@ -32,9 +32,14 @@ class BrowserMissing(RuntimeError):
     """No Chromium and driver on this machine; the message says how to install them."""
 
 
-def runs_url(base: str, experiment_id: str, chart: bool = False) -> str:
-    """The experiment's training runs (table, or with `chart` the charts comparing them)."""
-    query = {**TRAINING_VIEW, **({"compareRunsMode": "CHART"} if chart else {})}
+def runs_url(base: str, experiment_id: str, chart: bool = False, runs_filter: str = "") -> str:
+    """The experiment's training runs (table, or with `chart` the charts comparing them), those
+    that `runs_filter` (MLflow's search syntax) selects."""
+    query = {
+        **TRAINING_VIEW,
+        **({"compareRunsMode": "CHART"} if chart else {}),
+        **({"searchFilter": runs_filter} if runs_filter else {}),
+    }
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
 
 
@@ -169,13 +174,14 @@ def show_comparison(
     run_names: Sequence[str],
     metrics_filter: str = "accuracy",
     timeout: float = 60,
+    runs_filter: str = "",
 ) -> str:
-    """Open the training runs as charts, close the assistant panel, expand every job run so its
-    (cycle, arch) runs are drawn, and keep the charts whose name holds `metrics_filter`.
-    Returns the page source once `run_names` are shown."""
+    """Open the training runs (those `runs_filter` selects) as charts, close the assistant panel,
+    expand every job run so its (cycle, arch) runs are drawn, and keep the charts whose name holds
+    `metrics_filter`. Returns the page source once `run_names` are shown."""
     from selenium.webdriver.common.by import By
 
-    driver.get(runs_url(base, experiment_id, chart=True))
+    driver.get(runs_url(base, experiment_id, chart=True, runs_filter=runs_filter))
     wait_for_text(driver, ["Model metrics"], timeout)
     for close in driver.find_elements(
         By.CSS_SELECTOR, '[data-component-id="mlflow.assistant.chat_panel.close"]'
@@ -196,6 +202,77 @@ def show_comparison(
         time.sleep(2)  # the charts redraw
         source = driver.page_source
     return source
+
+
+def show_images(
+    driver, base: str, experiment_id: str, arch: str, key: str = "cam_grid", timeout: float = 60
+) -> list[str]:
+    """MLflow's image view of `arch`'s (cycle, arch) runs: the charts of its runs, the `key` card
+    alone, without the wall of run parameters MLflow writes above each image, widened to the
+    chart area so the cycles stand side by side. Returns the ids of the runs whose image it
+    shows, once every one has loaded."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    show_comparison(driver, base, experiment_id, [], key, timeout, f"tags.arch = '{arch}'")
+    card = _card(driver, key, timeout)
+    card.find_element(
+        By.CSS_SELECTOR, '[data-testid="experiment-view-compare-runs-card-menu"]'
+    ).click()
+    next(e for e in wait_for_elements(driver, '[role="menuitem"]') if e.text == "Configure").click()
+    switch = next(e for e in wait_for_elements(driver, '[role="switch"]') if e.is_displayed())
+    if switch.get_attribute("aria-checked") == "true":  # "Show run parameters"
+        switch.click()
+    next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Save changes").click()
+    card = _card(driver, key, timeout)
+    handle = card.find_element(
+        By.XPATH,
+        "./ancestor::div[contains(@class,'react-resizable')][1]"
+        "//div[@data-testid='draggable-card-resize-handle']",
+    )
+    area = driver.find_element(
+        By.CSS_SELECTOR, '[data-testid="experiment-view-compare-runs-chart-area"]'
+    )
+    right = area.location["x"] + area.size["width"] - 40
+    ActionChains(driver).click_and_hold(handle).move_by_offset(
+        right - handle.location["x"], 250
+    ).release().perform()
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = _images_by_run(_card(driver, key, timeout))
+        if shown and all(shown.values()):
+            return sorted(shown)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the images of {key} never loaded: {shown}")
+        time.sleep(0.5)
+
+
+def _card(driver, title: str, timeout: float):
+    """The chart card titled `title`."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for card in driver.find_elements(
+            By.CSS_SELECTOR, '[data-testid="experiment-view-compare-runs-card"]'
+        ):
+            if card.find_element(By.TAG_NAME, "h4").text == title:
+                return card
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no chart card {title!r} ({driver.current_url})")
+        time.sleep(0.5)
+
+
+def _images_by_run(card) -> dict[str, bool]:
+    """{the run id an image of the card names: whether it has loaded}."""
+    from selenium.webdriver.common.by import By
+
+    shown = {}
+    for img in card.find_elements(By.TAG_NAME, "img"):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(img.get_attribute("src")).query)
+        loaded = img.get_property("complete") and img.get_property("naturalWidth") > 0
+        shown[query.get("run_uuid", [""])[0]] = bool(loaded)
+    return shown
 
 
 def screenshot(driver, path: str | Path) -> Path:

@@ -379,8 +379,16 @@ class Runner:
         return LiveCurves(self.tracker, self.cfg, self.paths, k, archs)
 
     def track(self, k: int, arch: str, metrics: dict, shards: Path | None) -> None:
-        if self.tracker is not None:
-            track_cycle(self.tracker, self.cfg, self.paths, k, arch, metrics, shards)
+        if self.tracker is None:
+            return
+        started = time.perf_counter()
+        logged = track_cycle(self.tracker, self.cfg, self.paths, k, arch, metrics, shards)
+        if logged and self.tracker.active:
+            weights = ", weights" if self.cfg.tracking.log_models == "every" else ""
+            log(
+                f"[cycle {k}] {arch}: metrics, pictures, predictions{weights} logged to MLflow "
+                f"in {time.perf_counter() - started:.1f}s"
+            )
 
 
 def _naming(arch: str):

@@ -136,7 +136,9 @@ class Session:
         if not (self.in_ray and self.world_size > 1):
             return model
         import ray.train.torch
+        import torch.distributed as dist
 
+        say(f"DDP: rank {self.rank} of {self.world_size} workers ({dist.get_backend()})")
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:

@@ -44,7 +44,9 @@ def main() -> None:
     )
     _common.inprocess_shards_argument(parser)
     parser.add_argument(
-        "--verbose", action="store_true", help="also MLflow's and Ray Data's own progress lines"
+        "--verbose",
+        action="store_true",
+        help="also Ray's and MLflow's own lines (progress blocks, worker groups)",
     )
     args = parser.parse_args()
     if not args.verbose:

@@ -81,11 +81,12 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run, tmp_path):
         pictures = {a.path for a in client.list_artifacts(child.info.run_id, "pictures")}
         assert "pictures/cam_grid.png" in pictures and "pictures/confusion_test_cf.png" in pictures
         assert "pictures/roc_pr.png" in pictures
-        # The UI's image view: the CAM grid and the curves at the cycle's step.
+        # The UI's image view: every (cycle, arch) run's pictures at one step, so that one card
+        # lines the runs up (MLflow shows each run's image at the slider's step exactly).
         k = child.data.tags["cycle"]
         images = {a.path for a in client.list_artifacts(child.info.run_id, "images")}
-        for key in ("cam_grid", "roc_pr"):
-            assert any(p.startswith(f"images/{key}+step+{k}+") for p in images), (key, images)
+        keys = ("cam_grid", "roc_pr") + (("cam_before_after",) if k == "1" else ())
+        assert sorted(_image_steps(images)) == sorted((key, 0) for key in keys), images
         tables = {a.path for a in client.list_artifacts(child.info.run_id, "predictions")}
         assert tables == {f"predictions/{s}.json" for s in ("val", "test", "test_cf")}, tables
         got = client.download_artifacts(child.info.run_id, "predictions/test.json", str(tmp_path))
@@ -98,6 +99,12 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run, tmp_path):
             assert {a.path for a in client.list_artifacts(child.info.run_id, "shards")} == {
                 "shards/manifest.json"
             }
+    # ... and the job run each architecture's CAM grids with the cycle as the step, once each.
+    images = {a.path for a in client.list_artifacts(parent.info.run_id, "images")}
+    assert sorted(_image_steps(images)) == [
+        ("cam_by_cycle_tinyvgg", 0),
+        ("cam_by_cycle_tinyvgg", 1),
+    ]
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {
         "report.md",
@@ -131,6 +138,22 @@ def test_smoke_cycle_writes_stages_report_and_mlflow_runs(smoke_run, tmp_path):
     versions = client.search_model_versions("name='cycle-classifier'")
     assert [v.version for v in versions] == [version.version]
     assert client.get_model_version_by_alias("cycle-classifier", "best").version == version.version
+    images = {a.path for a in client.list_artifacts(parent.info.run_id, "images")}
+    assert sorted(_image_steps(images)) == [
+        ("cam_by_cycle_tinyvgg", 0),
+        ("cam_by_cycle_tinyvgg", 1),
+    ]
+
+
+def _image_steps(paths) -> list[tuple[str, int]]:
+    """(key, step) of each image MLflow keeps under images/ (`<key>+step+<step>+...`): the full
+    picture, its thumbnail and their metadata share one (key, step)."""
+    found = set()
+    for path in paths:
+        key, _, rest = path.removeprefix("images/").partition("+step+")
+        step, _, stamp = rest.partition("+timestamp+")
+        found.add((key, int(step), stamp.split("+")[0]))
+    return [(key, step) for key, step, _ in found]
 
 
 @pytest.mark.ray
@@ -240,6 +263,7 @@ def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
         headless_chromium,
         local_ui,
         show_comparison,
+        show_images,
     )
 
     try:
@@ -260,6 +284,10 @@ def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
         page = show_comparison(driver, base, experiment.experiment_id, names, "test_cf_accuracy")
         assert "workflowType=machine_learning" in driver.current_url  # training runs, not GenAI
         shown = bars_by_colour(driver)
+        with headless_chromium() as fresh:  # as a person opens it: nothing expanded yet
+            # The image view: tinyvgg's CAM grid of each cycle, loaded, in one card.
+            pictured = show_images(fresh, base, experiment.experiment_id, "tinyvgg")
+    assert pictured == sorted(values), (pictured, values)
     assert all(name in page for name in names)
     # As a person reads the chart: one bar per (cycle, arch) run, in the run's colour, labelled
     # with that run's own value (runs that happen to share a colour: their values, in any order).
@@ -267,8 +295,8 @@ def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
     for colour, (runs, bars) in shown.items():
         assert sorted(bars) == sorted(values[r] for r in runs if r in values), (colour, shown)
 
-    # The README's screenshot command, on this store.
-    picture = tmp_path / "compare.png"
+    # The README's screenshot command (of the image view), on this store.
+    picture = tmp_path / "images.png"
     shot = subprocess.run(
         [
             sys.executable,
@@ -279,6 +307,8 @@ def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
             "cycle-smoke",
             "--out",
             str(picture),
+            "--images",
+            "tinyvgg",
         ],
         capture_output=True,
         text=True,
@@ -286,6 +316,7 @@ def test_the_mlflow_ui_shows_the_job_in_a_real_browser(smoke_run, tmp_path):
         cwd=tmp_path,
     )
     assert shot.returncode == 0, shot.stderr[-3000:]
+    assert "CAM grids of 2 tinyvgg run(s)" in shot.stdout
     assert picture.stat().st_size > 20_000 and picture.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -164,7 +164,8 @@ def test_b_ddp_across_two_nodes_reads_disjoint_data(from_zero, cluster, out, smo
     )
     status, logs = cluster.wait("ddp")
     assert status == "SUCCEEDED", logs[-5000:]
-    assert "world_size=2" in logs  # one process group (gloo on CPUs) over both workers
+    # One process group (gloo on CPUs) over both workers: each rank says so once it is formed.
+    assert all(f"DDP: rank {r} of 2 workers (gloo)" in logs for r in (0, 1)), logs[-5000:]
 
     stage = train_dir(out, "ddp", 0, "tinyvgg")
     ranks = [read_json(stage / f"reads-rank{r}.json") for r in (0, 1)]

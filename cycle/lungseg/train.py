@@ -377,7 +377,8 @@ def ensure_lung_model(cfg: Config, log=print, on_ray=None) -> Path:
             )
             if on_ray is not None:
                 on_ray()
-            fit_lungseg(cfg, pairs, out, log=log, on_ray=on_ray is not None)
+            metrics = fit_lungseg(cfg, pairs, out, log=log, on_ray=on_ray is not None)
+            log(f"[lungseg] lung model ready: {summary_line(metrics)}")
     return out / BEST
 
 

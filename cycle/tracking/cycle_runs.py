@@ -14,6 +14,7 @@ from cycle.evaluate import EVAL_SPLITS
 from cycle.io import atomic_write_json
 from cycle.layout import (
     BEST,
+    CAM_BEFORE_AFTER,
     CAM_GRID,
     CURVES,
     HISTORY,
@@ -44,6 +45,11 @@ def cycle_job_run(cfg: Config, run_name: str) -> SavedRun:
         belongs={"uri": tracking_uri(cfg)},
         tags={"job": "cycle"},
     )
+
+
+def cam_by_cycle(arch: str) -> str:
+    """The job run's image key for an architecture's CAM grids, one step per cycle."""
+    return f"cam_by_cycle_{arch}"
 
 
 def child_run_name(k: int, arch: str) -> str:
@@ -152,15 +158,15 @@ def track_cycle(
     arch: str,
     metrics: dict,
     shards: Path | None,
-) -> None:
+) -> bool:
     """One evaluated (cycle, arch) -> its run nested in the job's run: the epochs not logged live,
     metrics, pictures, the shard manifest, the weights. A child run cut off half-way is reopened
     and completed, never left beside a second one; one logged in full before an interruption is
-    left as it is. Written from the driver's thread only."""
+    left as it is (False: nothing logged now). Written from the driver's thread only."""
     train_dir = layout.train(k, arch)
     child = child_run(job, cfg, layout, k, arch)
     if child.complete:
-        return  # logged before the interruption
+        return False  # logged before the interruption
     logged = child.previous.get("epochs", 0)
     with child:
         rows = _epochs_after(train_dir / HISTORY, logged)
@@ -171,9 +177,16 @@ def track_cycle(
         child.log_metrics(metrics)
         for picture in cycle_pictures(layout, k, arch):
             child.log_artifact(picture, "pictures")
-        # Steps are cycles: the image view shows cycle 0 and cycle k of an arch side by side.
+        # MLflow's image view shows each run's image at the slider's step, exactly: every
+        # (cycle, arch) run logs its pictures at one step, so one card lines up every cycle and
+        # architecture side by side; the job run keeps each architecture's CAM grids with the
+        # cycle as the step (its slider walks through the cycles).
+        evaluated = layout.evaluate(k, arch)
         for key, picture in (("cam_grid", CAM_GRID), ("roc_pr", ROC_PR)):
-            child.log_image(layout.evaluate(k, arch) / picture, key=key, step=k)
+            child.log_image(evaluated / picture, key=key)
+        if k:
+            child.log_image(evaluated / CAM_BEFORE_AFTER, key="cam_before_after")
+        child.log_image(evaluated / CAM_GRID, key=cam_by_cycle(arch), step=k, run_id=job.run_id)
         for split in EVAL_SPLITS:
             table = predictions_table(train_dir / predictions(split))
             if table is not None:
@@ -185,6 +198,7 @@ def track_cycle(
         if cfg.tracking.log_models == "every":
             child.log_classifier(train_dir / BEST)  # the weights this cycle chose, on val
         child.mark_complete()
+    return True
 
 
 def register_best(

@@ -180,15 +180,25 @@ class Tracker:
                 lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path),
             )
 
-    def log_image(self, path: str | Path, key: str, step: int) -> None:
-        """A PNG as an MLflow image under `key` at `step`: the UI's image view lines up the steps
-        (here: the cycles) of one run side by side."""
+    def log_image(
+        self, path: str | Path, key: str, step: int = 0, run_id: str | None = None
+    ) -> None:
+        """A PNG as an MLflow image under `key` at `step`, in this run or in `run_id` (another run
+        of the job's). Once: a resumed job that logged it before an interruption adds no copy."""
         if self.active and Path(path).is_file():
             import cv2
             import mlflow
 
-            rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-            self._guard("log an image", lambda: mlflow.log_image(rgb, key=key, step=step))
+            client, run_id = mlflow.MlflowClient(), run_id or self.run_id
+
+            def log() -> None:
+                logged = (a.path for a in client.list_artifacts(run_id, "images"))
+                if any(p.startswith(f"images/{key}+step+{step}+") for p in logged):
+                    return
+                rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+                client.log_image(run_id, rgb, key=key, step=step)
+
+            self._guard("log an image", log)
 
     def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
         """Columns of equal length as an MLflow table (JSON the UI shows as a table)."""
