@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from cycle.config import load_config  # noqa: E402
+from cycle.console import quiet_libraries  # noqa: E402
 from cycle.data.films import FilmSet  # noqa: E402
 from cycle.data.phantom import PhantomSpec, write_dataset  # noqa: E402
 from cycle.data.records import load_dataset  # noqa: E402
@@ -94,7 +95,8 @@ def per_film_costs(run: Path) -> dict:
     training step (the last cycle's history.json over the films its epochs read,
     reads-rank0.json), the shard build (timings.json over the manifest's films), the CAMs, lung
     masks and probe of the chosen weights (localized.json)."""
-    train = next(sorted(run.glob("cycle_*"))[-1].glob("*/train"))
+    last = max(run.glob("cycle_[0-9]*"), key=lambda p: int(p.name.split("_")[1]))
+    train = next(last.glob("*/train"))
     history = json.loads((train / "history.json").read_text())
     read = len(json.loads((train / "reads-rank0.json").read_text())["films"])
     localized = json.loads((train / "localized.json").read_text())
@@ -214,6 +216,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--skip-shape", action="store_true", help="parts 1 and 2 only")
     args = parser.parse_args()
+    quiet_libraries()  # Ray Data's progress blocks: this prints its own tables
     print(f"machine: {os.cpu_count()} CPUs; one job at a time", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

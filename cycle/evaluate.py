@@ -36,7 +36,7 @@ from cycle.localization import flat_summary, localization_metrics
 from cycle.lungseg.masks import load_lung_model
 from cycle.lungseg.masks import predict as predict_lungs
 from cycle.metrics import classification_metrics, confusion_matrix, prefixed
-from cycle.probe import context_probe
+from cycle.probe import ContextProbe
 
 EVAL_SPLITS = ("val", "test", "test_cf")
 PANEL = 49
@@ -186,37 +186,36 @@ def localize(
     model, pre = load_classifier(classifier_path, device)
     unet = _LazyLungModel(lung_model_path, device)
     per_image: dict[str, list[np.ndarray]] = {}
-    crops, lung_masks = [], []
+    # The probe streams with the CAMs: a chunk's films in memory, never the split's.
+    probe = None
+    if probe_dilate_px is not None and records:
+        probe = ContextProbe(np.array([r.label for r in records]), seed)
+
+    def crops_of(indices: np.ndarray) -> np.ndarray:
+        """Donor films, read again: a donor may lie in any chunk, and none is kept."""
+        return np.stack([pre.crop(pre.resize(load_grayscale(records[i].path))) for i in indices])
+
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         films = [pre.resize(load_grayscale(r.path)) for r in chunk]
-        chunk_crops = [pre.crop(f) for f in films]
-        x = torch.stack([pre.normalise(c) for c in chunk_crops]).to(device)
+        crops = np.stack([pre.crop(f) for f in films])
+        x = torch.stack([pre.normalise(c) for c in crops]).to(device)
         cams = compute_cam(model, x, method=cam_method, depth=cam_depth, batch_size=batch_size)
         masks = _masks(chunk, films, pre, unet)
         for name, values in localization_metrics(cams.cpu().numpy(), **masks).items():
             per_image.setdefault(name, []).append(values)
-        if probe_dilate_px is not None:
-            crops.extend(chunk_crops)
+        if probe is not None:
             # The probe reads the U-Net's lungs even where truth masks exist: on phantoms it
             # must see what it sees on real films, or its check against the truth flatters it.
             truth_lungs = masks["lesions"] is not None
-            lung_masks.append(_unet_lungs(films, pre, unet) if truth_lungs else masks["lungs"])
-    values = {k: np.concatenate(v) for k, v in per_image.items()}
-    if probe_dilate_px is not None and records:
-        labels = np.array([r.label for r in records])
-        values.update(
-            context_probe(
-                model,
-                np.stack(crops),
-                np.concatenate(lung_masks),
-                labels,
-                pre.normalise,
-                seed=seed,
-                dilate_px=probe_dilate_px,
-                batch_size=batch_size,
+            lungs = _unet_lungs(films, pre, unet) if truth_lungs else masks["lungs"]
+            indices = np.arange(start, start + len(chunk))
+            probe.add(
+                model, indices, crops, lungs, crops_of, pre.normalise, probe_dilate_px, batch_size
             )
-        )
+    values = {k: np.concatenate(v) for k, v in per_image.items()}
+    if probe is not None:
+        values.update(probe.values())
     result = Localization(
         flat_summary(values, seed=seed),
         {**values, "paths": np.array([str(r.path) for r in records])},

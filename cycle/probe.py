@@ -102,26 +102,74 @@ def context_probe(
     dilate_px: int = 4,
     batch_size: int = 32,
 ) -> dict[str, np.ndarray]:
-    """Per-film probe values (1.0 / 0.0, NaN without a donor) for the metrics in PROBE_METRICS."""
-    labels = np.asarray(labels)
-    out = {}
-    for same_class in (False, True):
-        donors = probe_donors(labels, seed, same_class)
-        has = donors >= 0
-        preds = np.full(len(labels), -1)
-        if has.any():
-            composed = compose(films[has], lungs[has], films[donors[has]], dilate_px)
-            preds[has] = predicted_labels(model, composed, normalise, batch_size)
-        right = np.where(has, (preds == labels).astype(np.float64), np.nan)
-        if same_class:
-            out["seam_control_accuracy"] = right
-        else:
-            out["context_reliance"] = np.where(
-                has, (preds == labels[np.maximum(donors, 0)]).astype(np.float64), np.nan
-            )
-            out["lung_consistent_accuracy"] = right
-    out["context_gap"] = context_gap(out["seam_control_accuracy"], out["lung_consistent_accuracy"])
-    return out
+    """Per-film probe values (1.0 / 0.0, NaN without a donor) for the metrics in PROBE_METRICS,
+    with every film in memory. `ContextProbe` gives the same values a chunk of films at a time."""
+    probe = ContextProbe(labels, seed)
+    for start in range(0, len(labels), batch_size):
+        chunk = np.arange(start, min(start + batch_size, len(labels)))
+        probe.add(
+            model,
+            chunk,
+            films[chunk],
+            lungs[chunk],
+            films.__getitem__,
+            normalise,
+            dilate_px,
+            batch_size,
+        )
+    return probe.values()
+
+
+class ContextProbe:
+    """The probe over a split read a chunk at a time: memory is a chunk's films, whatever the
+    split's size. The donors are drawn from the labels once (`probe_donors`); each chunk's films
+    are composed with their donors' context, which `context_of(indices)` reads (a donor may lie
+    in any chunk: from disk again, never kept), and predicted."""
+
+    def __init__(self, labels: np.ndarray, seed: int):
+        self.labels = np.asarray(labels)
+        self.donors = {same: probe_donors(self.labels, seed, same) for same in (False, True)}
+        self.preds = {same: np.full(len(self.labels), -1) for same in (False, True)}
+
+    def add(
+        self,
+        model: nn.Module,
+        chunk: np.ndarray,
+        films: np.ndarray,
+        lungs: np.ndarray,
+        context_of: Callable[[np.ndarray], np.ndarray],
+        normalise: Callable[[np.ndarray], torch.Tensor],
+        dilate_px: int,
+        batch_size: int,
+    ) -> None:
+        """Films `chunk` (their indices in the split, at most `batch_size`), their uint8 crops and
+        lung masks; predicted in one batch of exactly `batch_size` (padded)."""
+        for same, donors in self.donors.items():
+            mine = donors[chunk]
+            has = mine >= 0
+            if has.any():
+                composed = compose(films[has], lungs[has], context_of(mine[has]), dilate_px)
+                self.preds[same][chunk[has]] = predicted_labels(
+                    model, composed, normalise, batch_size
+                )
+
+    def values(self) -> dict[str, np.ndarray]:
+        labels, out = self.labels, {}
+        for same, preds in self.preds.items():
+            has = self.donors[same] >= 0
+            right = np.where(has, (preds == labels).astype(np.float64), np.nan)
+            if same:
+                out["seam_control_accuracy"] = right
+            else:
+                donor_labels = labels[np.maximum(self.donors[same], 0)]
+                out["context_reliance"] = np.where(
+                    has, (preds == donor_labels).astype(np.float64), np.nan
+                )
+                out["lung_consistent_accuracy"] = right
+        out["context_gap"] = context_gap(
+            out["seam_control_accuracy"], out["lung_consistent_accuracy"]
+        )
+        return out
 
 
 def context_gap(seam_control: np.ndarray, lung_consistent: np.ndarray) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import cycle
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_public_name_resolves_to_the_object_in_its_module():
@@ -33,3 +36,24 @@ def test_an_unknown_name_is_an_attribute_error():
         assert "no_such_thing" in str(err)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_library_chatter_is_dropped_from_a_job_s_output_whoever_writes_it():
+    """`hide_chatter` filters at the file descriptors: a line written past Python (as Ray's C++
+    core writes) goes too, every other line comes through, and what is still in the pipes at
+    exit (an unfinished line, the message of `sys.exit`) is not lost."""
+    code = (
+        "import os, sys\n"
+        "from cycle.console import hide_chatter\n"
+        "hide_chatter(('has constructor arguments',))\n"
+        "print('one', flush=True)\n"
+        "os.write(2, b'[E core_worker.cc] Actor X has constructor arguments in the store\\n')\n"
+        "os.write(1, b'two\\n')\n"
+        "print('three', end='')\n"
+        "sys.exit('error: four')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == 1
+    assert (proc.stdout, proc.stderr) == ("one\ntwo\nthree", "error: four\n")
