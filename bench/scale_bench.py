@@ -76,17 +76,18 @@ def run_cycle(out: Path, phantoms: Path, run: str, sets: list[str], config: str 
     if proc.returncode != 0:
         sys.exit(f"{run} failed:\n{proc.stderr[-4000:]}")
     rows = json.loads((out / run / "timings.json").read_text())
-    workers = [
-        json.loads(p.read_text())["peak_rss_mb"]
+    workers = {
+        p.parent.parent.parent.name: json.loads(p.read_text())["peak_rss_mb"]
         for p in (out / run).glob("cycle_*/*/train/worker-rank0.json")
-    ]
+    }
     return {
         "per_film": per_film_costs(out / run),
         "wall_s": wall,
         "busy_cpu_s": busy,
         "driver_cpu_s": rows[-1]["driver_cpu_total_s"],
         "driver_peak_mb": max(r["driver_peak_rss_mb"] for r in rows),
-        "worker_peak_mb": max(workers),
+        "worker_peak_mb": max(workers.values()),
+        "worker_peak_mb_by_cycle": dict(sorted(workers.items())),
     }
 
 
@@ -117,9 +118,10 @@ def phantoms(root: Path, n_train: int, size: int) -> Path:
     return write_dataset(root, spec, workers=os.cpu_count() or 1)
 
 
-def scale(tmp: Path, n: int, factor: int, size: int) -> tuple[dict, Path]:
+def scale(tmp: Path, n: int, factor: int, size: int, extra: list[str]) -> tuple[dict, Path]:
     image = round(size * 0.875)
     sets = [
+        *extra,
         "cycles.archs=[tinyvgg]",
         "cycles.max=1",
         "resources.num_workers=1",
@@ -215,15 +217,23 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--skip-shape", action="store_true", help="parts 1 and 2 only")
+    parser.add_argument("--skip-ingest", action="store_true", help="no part 2")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config of part 1's jobs"
+    )
     args = parser.parse_args()
     quiet_libraries()  # Ray Data's progress blocks: this prints its own tables
     print(f"machine: {os.cpu_count()} CPUs; one job at a time", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"1. the cycle at {args.n} and {args.factor * args.n} training films", flush=True)
-        results, big = scale(tmp, args.n, args.factor, args.size)
-        print(f"2. ingest of {args.factor * args.n} training films ({args.size} px)", flush=True)
-        reads = ingest(big, args.size)
+        results, big = scale(tmp, args.n, args.factor, args.size, args.set)
+        reads = None
+        if not args.skip_ingest:
+            print(
+                f"2. ingest of {args.factor * args.n} training films ({args.size} px)", flush=True
+            )
+            reads = ingest(big, args.size)
         measured = shape(tmp) if not args.skip_shape else None
 
     small, large = (results[k] for k in sorted(results))
@@ -248,12 +258,13 @@ def main() -> None:
         f"worker peak at {args.factor}x the films: {grown:+.0f} MB (goal: at most +60 MB) -> "
         f"{'met' if grown <= 60 else 'NOT met'}"
     )
-    print()
-    print("| ingest | films/s | held at once MB | vs preload |")
-    print("|---|---:|---:|---:|")
-    peer = reads["preload (peer)"][0]
-    for how, (rate, held) in reads.items():
-        print(f"| {how} | {rate:.0f} | {held / 2**20:.1f} | {rate / peer:.2f}x |")
+    if reads:
+        print()
+        print("| ingest | films/s | held at once MB | vs preload |")
+        print("|---|---:|---:|---:|")
+        peer = reads["preload (peer)"][0]
+        for how, (rate, held) in reads.items():
+            print(f"| {how} | {rate:.0f} | {held / 2**20:.1f} | {rate / peer:.2f}x |")
     if measured:
         share = measured["driver_cpu_s"] / measured["busy_cpu_s"]
         print()

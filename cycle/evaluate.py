@@ -37,6 +37,7 @@ from cycle.lungseg.masks import load_lung_model
 from cycle.lungseg.masks import predict as predict_lungs
 from cycle.metrics import classification_metrics, confusion_matrix, prefixed
 from cycle.probe import ContextProbe
+from cycle.resources import release_freed_memory
 
 EVAL_SPLITS = ("val", "test", "test_cf")
 PANEL = 49
@@ -72,6 +73,7 @@ def predict(
         probs.append(logits.softmax(dim=1)[:, 1].cpu().numpy())
         labels.append(y.cpu().numpy())
         indices.extend(index)
+        release_freed_memory()
     model.train(was_training)
     index = np.asarray(indices, np.int64)
     order = np.argsort(index, kind="stable")

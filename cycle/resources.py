@@ -7,6 +7,8 @@ tasks wait for one more (a silent hang, see shared/RAY_NOTES.md).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -167,3 +169,23 @@ def peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+@functools.cache
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory this process has freed back to the OS. glibc keeps freed film-sized blocks
+    in its heaps and, in a pass over many batches, reuses them so poorly that a worker's resident
+    memory grew with the length of the pass (+100 MB over 480 val films, measured); trimming
+    after each batch keeps it at what a batch needs. Milliseconds a call."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

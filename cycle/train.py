@@ -62,7 +62,13 @@ from cycle.layout import (
 from cycle.metrics import format_table, prefixed
 from cycle.models import Classifier, build_model
 from cycle.ray_checkpoints import restore_folder, run_checkpoints, stage_files
-from cycle.resources import decide_gpu, peak_rss_mb, trainer_request, waiting_message
+from cycle.resources import (
+    decide_gpu,
+    peak_rss_mb,
+    release_freed_memory,
+    trainer_request,
+    waiting_message,
+)
 from cycle.watchdog import Watchdog
 
 # The stage's files are named in cycle.layout: BEST (the weights with the lowest selection loss so
@@ -275,6 +281,7 @@ def train_one_epoch(fit: Fit, epoch: int) -> tuple[dict[str, float], list[int]]:
         loss.backward()
         fit.optimizer.step()
         faults.reached("train:step")
+        release_freed_memory()
         total_loss += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)

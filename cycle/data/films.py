@@ -333,10 +333,13 @@ def to_tensors(
     epoch, film), so a resumed or re-batched run sees the same images; cropped, normalised."""
     import torch
 
-    images = []
-    for index, image, _ in rows:
+    crops = np.empty((len(rows), preprocess.size, preprocess.size), np.uint8)
+    for i, (index, image, _) in enumerate(rows):
         if augment is not None:
             image = augment(image, np.random.default_rng([seed, epoch, index]))
-        images.append(preprocess.normalise(preprocess.crop(image)))
+        crops[i] = preprocess.crop(image)
+    # One allocation a batch, not one a film: glibc kept the churn of film-sized tensors as memory
+    # that grew with the length of a pass.
+    images = preprocess.normalise_batch(crops)
     labels = torch.tensor([label for _, _, label in rows], dtype=torch.int64)
-    return torch.stack(images), labels, [index for index, _, _ in rows]
+    return images, labels, [index for index, _, _ in rows]

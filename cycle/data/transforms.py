@@ -153,10 +153,18 @@ class Preprocess:
         return resized[off : off + self.size, off : off + self.size]
 
     def normalise(self, crop: np.ndarray) -> torch.Tensor:
+        """A uint8 crop [S, S] -> the network's input [1, S, S]."""
+        return self._scaled(crop).unsqueeze(0)
+
+    def normalise_batch(self, crops: np.ndarray) -> torch.Tensor:
+        """uint8 crops [N, S, S] -> [N, 1, S, S], each equal to `normalise` of its crop."""
+        return self._scaled(crops).unsqueeze(1)
+
+    def _scaled(self, pixels: np.ndarray) -> torch.Tensor:
         import torch
 
-        tensor = torch.from_numpy(np.ascontiguousarray(crop)).float().div_(255.0)
-        return tensor.sub_(self.mean).div_(self.std).unsqueeze(0)
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255.0)
+        return tensor.sub_(self.mean).div_(self.std)
 
     def __call__(
         self,
