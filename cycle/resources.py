@@ -189,3 +189,13 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def arrow_returns_freed_memory() -> None:
+    """Have pyarrow allocate from the system allocator in this process, so that what it frees
+    (a shard file's column, read for a batch's rows) is what `release_freed_memory` hands back.
+    Arrow's own allocator keeps freed memory for reuse; a worker reading val rows spread over
+    every file of an 8x larger build held +58 MB more (measured), with the system's +13 MB."""
+    import pyarrow
+
+    pyarrow.set_memory_pool(pyarrow.system_memory_pool())

@@ -63,6 +63,7 @@ from cycle.metrics import format_table, prefixed
 from cycle.models import Classifier, build_model
 from cycle.ray_checkpoints import restore_folder, run_checkpoints, stage_files
 from cycle.resources import (
+    arrow_returns_freed_memory,
     decide_gpu,
     peak_rss_mb,
     release_freed_memory,
@@ -597,6 +598,7 @@ def train_func(loop_config: dict) -> None:
     loop = LoopConfig(**loop_config)
     cfg = Config.model_validate(loop.config)
     quiet_ray_train_logs()
+    arrow_returns_freed_memory()
     session = Session.detect(loop.ray_checkpoints, loop.in_process)
     if session.in_ray and loop.threads:
         torch.set_num_threads(int(loop.threads))  # workers side by side share the cores

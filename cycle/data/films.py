@@ -274,14 +274,20 @@ def decode_original_rows(batch: dict, preprocess: Preprocess, max_pixels: int) -
 
 def decode_shard_rows(batch: dict) -> dict:
     """{index, path, label, row} of shard rows -> {index, image, label}: each row's enhanced film
-    (a PNG at the pre-crop size) from its file."""
+    (a PNG at the pre-crop size) from its file. One file's column at a time, its rows decoded
+    before the next is read: a split's rows are spread over every file of the build (val among
+    train), so a batch's files grow in number with the build."""
     import pyarrow.parquet as pq
 
     paths = [str(p) for p in batch["path"]]
-    images = {}
+    films: list = [None] * len(paths)
     for path in dict.fromkeys(paths):  # each file once, in order
-        images[path] = pq.read_table(path, columns=["image"]).column("image")
-    films = [decode_png(images[p][int(r)].as_py()) for p, r in zip(paths, batch["row"])]
+        wanted = [i for i, p in enumerate(paths) if p == path]
+        column = pq.read_table(path, columns=["image"]).column("image")
+        pngs = column.take([int(batch["row"][i]) for i in wanted]).to_pylist()
+        del column
+        for i, png in zip(wanted, pngs):
+            films[i] = decode_png(png)
     r = films[0].shape[0] if films else 0
     return {
         "index": np.asarray(batch["index"], np.int64),
