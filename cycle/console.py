@@ -50,8 +50,21 @@ def hide_chatter(chatter: tuple[str, ...] = CHATTER) -> None:
     Python, Ray's C++ core (which writes to the file descriptor, not to `sys.stderr`), Ray's log
     forwarding from the workers. A pipe stands in front of each stream; a thread passes every other
     line on as it arrives. At exit what is left in the pipes is passed on too."""
-    pumps = [_LineFilter(fd, [c.encode() for c in chatter]) for fd in (1, 2)]
-    atexit.register(lambda: [pump.close() for pump in pumps])
+    if _FILTERS:
+        return
+    _FILTERS.extend(_LineFilter(fd, [c.encode() for c in chatter]) for fd in (1, 2))
+    atexit.register(pass_on_what_is_left)
+
+
+_FILTERS: list[_LineFilter] = []
+
+
+def pass_on_what_is_left() -> None:
+    """Put stdout and stderr back and pass on what the filters still hold. At exit this runs by
+    itself; a process that ends with `os._exit` (no exit handlers) must call it first, or its
+    last lines, the ones that say why it stopped, are lost in the pipes."""
+    while _FILTERS:
+        _FILTERS.pop().close()
 
 
 class _LineFilter:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cycle.console import log
+from cycle.console import log, pass_on_what_is_left
 
 STALL_EXIT_CODE = 3
 
@@ -24,6 +24,7 @@ STALL_EXIT_CODE = 3
 def _exit_stalled(message: str) -> None:
     sys.stdout.flush()
     log(f"error: {message}")
+    pass_on_what_is_left()
     os._exit(STALL_EXIT_CODE)
 
 

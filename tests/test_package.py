@@ -57,3 +57,24 @@ def test_library_chatter_is_dropped_from_a_job_s_output_whoever_writes_it():
     )
     assert proc.returncode == 1
     assert (proc.stdout, proc.stderr) == ("one\ntwo\nthree", "error: four\n")
+
+
+def test_a_stalled_stage_s_last_words_survive_the_filter():
+    """A stalled stage ends with `os._exit` (a blocked `fit()` cannot be interrupted), which runs
+    no exit handlers: its message must still get through the filter's pipes (a `ray job submit`
+    of a trainer too big for the cluster once ended with exit code 3 and no reason)."""
+    code = (
+        "import threading\n"
+        "from cycle.console import hide_chatter\n"
+        "from cycle.watchdog import Watchdog\n"
+        "hide_chatter(('has constructor arguments',))\n"
+        "print('working', flush=True)\n"
+        "with Watchdog('cycle 0 train', 0.2, lambda waited: 'made no progress for 0.2 s'):\n"
+        "    threading.Event().wait(60)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == 3
+    assert proc.stdout == "working\n"
+    assert "error: made no progress for 0.2 s" in proc.stderr
