@@ -208,10 +208,9 @@ def show_images(
     driver, base: str, experiment_id: str, arch: str, key: str = "cam_grid", timeout: float = 60
 ) -> list[str]:
     """MLflow's image view of `arch`'s (cycle, arch) runs: the charts of its runs, the `key` card
-    alone, without the wall of run parameters MLflow writes above each image, widened to the
-    chart area so the cycles stand side by side. Returns the ids of the runs whose image it
-    shows, once every one has loaded."""
-    from selenium.webdriver.common.action_chains import ActionChains
+    without the wall of run parameters MLflow writes above each image, opened full screen so the
+    cycles stand side by side. Returns the ids of the runs whose image it shows, once every one
+    has loaded."""
     from selenium.webdriver.common.by import By
 
     show_comparison(driver, base, experiment_id, [], key, timeout, f"tags.arch = '{arch}'")
@@ -224,27 +223,45 @@ def show_images(
     if switch.get_attribute("aria-checked") == "true":  # "Show run parameters"
         switch.click()
     next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Save changes").click()
-    card = _card(driver, key, timeout)
-    handle = card.find_element(
-        By.XPATH,
-        "./ancestor::div[contains(@class,'react-resizable')][1]"
-        "//div[@data-testid='draggable-card-resize-handle']",
-    )
-    area = driver.find_element(
-        By.CSS_SELECTOR, '[data-testid="experiment-view-compare-runs-chart-area"]'
-    )
-    right = area.location["x"] + area.size["width"] - 40
-    ActionChains(driver).click_and_hold(handle).move_by_offset(
-        right - handle.location["x"], 250
-    ).release().perform()
+    # The card's full-screen view: the runs' images side by side, full width (a card in the grid
+    # is a third of it, a run's image a row each).
+    _card(driver, key, timeout).find_element(
+        By.CSS_SELECTOR, '[data-component-id="fullscreen_button_chartcard"]'
+    ).click()
     deadline = time.monotonic() + timeout
     while True:
-        shown = _images_by_run(_card(driver, key, timeout))
+        shown = _images_by_run(_full_screen(driver, timeout))
         if shown and all(shown.values()):
             return sorted(shown)
         if time.monotonic() > deadline:
             raise TimeoutError(f"the images of {key} never loaded: {shown}")
         time.sleep(0.5)
+
+
+# Scroll the card's scrolling ancestor so the card's top sits just under the chart search box.
+_SCROLL_BELOW_SEARCH = """
+const card = arguments[0];
+card.scrollIntoView({block: 'start'});
+const box = document.querySelector('input[placeholder="Search metric charts"]');
+const gap = (box ? box.getBoundingClientRect().bottom + 12 : 0) - card.getBoundingClientRect().top;
+let area = card.parentElement;
+while (area && area.scrollTop === 0) area = area.parentElement;
+if (area && gap > 0) area.scrollTop -= gap;
+"""
+
+
+def scroll_to_metric_charts(driver, metrics_filter: str) -> None:
+    """Scroll the chart area to the first card whose title holds `metrics_filter`: MLflow's chart
+    search keeps every image card (the CAM grids, ROC/PR) above the metric charts it matched."""
+    from selenium.webdriver.common.by import By
+
+    for card in driver.find_elements(
+        By.CSS_SELECTOR, '[data-testid="experiment-view-compare-runs-card"]'
+    ):
+        if metrics_filter in card.find_element(By.TAG_NAME, "h4").text:
+            driver.execute_script(_SCROLL_BELOW_SEARCH, card)
+            time.sleep(1)  # the charts that come into view draw
+            return
 
 
 def _card(driver, title: str, timeout: float):
@@ -261,6 +278,11 @@ def _card(driver, title: str, timeout: float):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no chart card {title!r} ({driver.current_url})")
         time.sleep(0.5)
+
+
+def _full_screen(driver, timeout: float):
+    """The open full-screen view of a chart card."""
+    return wait_for_elements(driver, '[role="dialog"]', timeout)[0]
 
 
 def _images_by_run(card) -> dict[str, bool]:

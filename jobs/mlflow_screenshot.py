@@ -25,6 +25,7 @@ from cycle.mlflow_ui import (
     headless_chromium,
     local_ui,
     screenshot,
+    scroll_to_metric_charts,
     show_comparison,
     show_images,
 )
@@ -62,6 +63,7 @@ def main() -> None:
                 print(f"images       CAM grids of {len(shown)} {args.images} run(s)")
             else:
                 show_comparison(driver, base, experiment_id, children, args.filter)
+                scroll_to_metric_charts(driver, args.filter)
             path = screenshot(driver, args.out)
     except BrowserMissing as err:
         sys.exit(f"error: {err}")
