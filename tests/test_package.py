@@ -38,22 +38,27 @@ def test_an_unknown_name_is_an_attribute_error():
         raise AssertionError("expected AttributeError")
 
 
+def _filtered_python(code: str) -> subprocess.CompletedProcess:
+    """`code` run in a Python whose output passes the chatter filter, as a job's does."""
+    prelude = (
+        "from cycle.console import hide_chatter\nhide_chatter(('has constructor arguments',))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+
+
 def test_library_chatter_is_dropped_from_a_job_s_output_whoever_writes_it():
     """`hide_chatter` filters at the file descriptors: a line written past Python (as Ray's C++
     core writes) goes too, every other line comes through, and what is still in the pipes at
     exit (an unfinished line, the message of `sys.exit`) is not lost."""
-    code = (
+    proc = _filtered_python(
         "import os, sys\n"
-        "from cycle.console import hide_chatter\n"
-        "hide_chatter(('has constructor arguments',))\n"
         "print('one', flush=True)\n"
         "os.write(2, b'[E core_worker.cc] Actor X has constructor arguments in the store\\n')\n"
         "os.write(1, b'two\\n')\n"
         "print('three', end='')\n"
         "sys.exit('error: four')\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert proc.returncode == 1
     assert (proc.stdout, proc.stderr) == ("one\ntwo\nthree", "error: four\n")
@@ -63,17 +68,12 @@ def test_a_stalled_stage_s_last_words_survive_the_filter():
     """A stalled stage ends with `os._exit` (a blocked `fit()` cannot be interrupted), which runs
     no exit handlers: its message must still get through the filter's pipes (a `ray job submit`
     of a trainer too big for the cluster once ended with exit code 3 and no reason)."""
-    code = (
+    proc = _filtered_python(
         "import threading\n"
-        "from cycle.console import hide_chatter\n"
         "from cycle.watchdog import Watchdog\n"
-        "hide_chatter(('has constructor arguments',))\n"
         "print('working', flush=True)\n"
         "with Watchdog('cycle 0 train', 0.2, lambda waited: 'made no progress for 0.2 s'):\n"
         "    threading.Event().wait(60)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert proc.returncode == 3
     assert proc.stdout == "working\n"
