@@ -218,11 +218,11 @@ def show_images(
     card.find_element(
         By.CSS_SELECTOR, '[data-testid="experiment-view-compare-runs-card-menu"]'
     ).click()
-    next(e for e in wait_for_elements(driver, '[role="menuitem"]') if e.text == "Configure").click()
-    switch = next(e for e in wait_for_elements(driver, '[role="switch"]') if e.is_displayed())
+    _shown(driver, '[role="menuitem"]', timeout, "Configure").click()
+    switch = _shown(driver, '[role="switch"]', timeout)
     if switch.get_attribute("aria-checked") == "true":  # "Show run parameters"
         switch.click()
-    next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Save changes").click()
+    _shown(driver, "button", timeout, "Save changes").click()
     # The card's full-screen view: the runs' images side by side, full width (a card in the grid
     # is a third of it, a run's image a row each).
     _card(driver, key, timeout).find_element(
@@ -278,6 +278,19 @@ def _card(driver, title: str, timeout: float):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no chart card {title!r} ({driver.current_url})")
         time.sleep(0.5)
+
+
+def _shown(driver, css: str, timeout: float, text: str | None = None):
+    """The first element matching `css` (with `text`, if given) that is on screen: a menu or a
+    dialog is in the page before its animation shows it, and a click on it then fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for element in wait_for_elements(driver, css, timeout):
+            if element.is_displayed() and (text is None or element.text == text):
+                return element
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the page never showed {css} {text or ''} ({driver.current_url})")
+        time.sleep(0.2)
 
 
 def _full_screen(driver, timeout: float):
