@@ -283,9 +283,11 @@ def _card(driver, title: str, timeout: float):
 def _shown(driver, css: str, timeout: float, text: str | None = None):
     """The first element matching `css` (with `text`, if given) that is on screen: a menu or a
     dialog is in the page before its animation shows it, and a click on it then fails."""
+    from selenium.webdriver.common.by import By
+
     deadline = time.monotonic() + timeout
     while True:
-        for element in wait_for_elements(driver, css, timeout):
+        for element in driver.find_elements(By.CSS_SELECTOR, css):
             if element.is_displayed() and (text is None or element.text == text):
                 return element
         if time.monotonic() > deadline:

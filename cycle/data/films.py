@@ -281,8 +281,10 @@ def decode_shard_rows(batch: dict) -> dict:
 
     paths = [str(p) for p in batch["path"]]
     films: list = [None] * len(paths)
-    for path in dict.fromkeys(paths):  # each file once, in order
-        wanted = [i for i, p in enumerate(paths) if p == path]
+    rows_of: dict[str, list[int]] = {}  # each file once, in order, with the batch's rows in it
+    for i, path in enumerate(paths):
+        rows_of.setdefault(path, []).append(i)
+    for path, wanted in rows_of.items():
         column = pq.read_table(path, columns=["image"]).column("image")
         pngs = column.take([int(batch["row"][i]) for i in wanted]).to_pylist()
         del column
